@@ -1,0 +1,71 @@
+"""procsync: multiprocessing's synchronization tools for any processes on any machine.
+
+Map of the package (each layer uses only the ones below it)::
+
+    procsync.sync / procsync.asyncio   public primitives (threading / asyncio signatures)
+    procsync._drivers                  run core operations: blocking, or on an event loop
+    procsync.core                      each primitive's algorithm, no I/O (yields steps)
+    procsync.session                   one session per process per server: heartbeat,
+                                       lease, same-host death watcher, fork safety
+    procsync.backend                   redis-py clients, server checks, Lua script registry,
+                                       the embedded Valkey launcher
+    procsync/lua/*.lua                 all shared state changes: one script per primitive
+
+Everything shared lives in the server and changes only inside Lua scripts.
+``from procsync import Lock, Semaphore, Event`` is the only line a program written
+for ``multiprocessing`` has to change.
+"""
+
+from procsync.errors import (
+    BrokenBarrierError,
+    ConflictError,
+    LockLostError,
+    NoServerBinaryError,
+    NotHeldError,
+    NotOwnerError,
+    OverReleaseError,
+    ProcsyncError,
+    ServerError,
+    ServerUnavailableError,
+    ServerUnsupportedError,
+    SessionLostError,
+    WrongTypeError,
+)
+from procsync.session import Session, current_session
+from procsync.sync import (
+    BoundedSemaphore,
+    Event,
+    Lock,
+    LockStatistics,
+    RLock,
+    Semaphore,
+    SemaphoreStatistics,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BoundedSemaphore",
+    "BrokenBarrierError",
+    "ConflictError",
+    "Event",
+    "Lock",
+    "LockLostError",
+    "LockStatistics",
+    "NoServerBinaryError",
+    "NotHeldError",
+    "NotOwnerError",
+    "OverReleaseError",
+    "ProcsyncError",
+    "RLock",
+    "Semaphore",
+    "SemaphoreStatistics",
+    "ServerError",
+    "ServerUnavailableError",
+    "ServerUnsupportedError",
+    "Session",
+    "SessionLostError",
+    "WrongTypeError",
+    "__version__",
+    "current_session",
+]

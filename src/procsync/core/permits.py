@@ -1,0 +1,199 @@
+"""Core logic of Lock, RLock, Semaphore and BoundedSemaphore (script ``permits.lua``).
+
+All four are a counted set of permits owned by sessions:
+
+=========  =======  ==================================================================
+kind       permits  release by a session holding none
+=========  =======  ==================================================================
+lock       1        NotHeldError / NotOwnerError (only the holding process releases)
+rlock      1        same; reentrancy is counted in the client, per thread
+sem        value    adds a free permit (threading's semantics)
+bsem       value    OverReleaseError if that would exceed the initial value
+=========  =======  ==================================================================
+
+Waiting is a FIFO queue on the server. A release grants the freed permit to the head
+waiter inside the same script and pushes the fencing token onto that waiter's inbox,
+so the woken waiter owns the permit without another round trip. A waiter also looks
+again when the earliest holder lease ends, so a lost wake-up costs at most one lease.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from procsync.backend.client import MAX_POP_SECONDS, Backend
+from procsync.core.steps import (
+    Call,
+    Op,
+    Pop,
+    SessionGone,
+    SessionView,
+    check_common,
+    parse_holders,
+)
+from procsync.errors import (
+    LockLostError,
+    NotHeldError,
+    NotOwnerError,
+    OverReleaseError,
+    ProtocolError,
+)
+
+__all__ = ["KINDS", "PermitState", "PermitsRef", "acquire", "release", "state"]
+
+KINDS = {"lock": "Lock", "rlock": "RLock", "sem": "Semaphore", "bsem": "BoundedSemaphore"}
+
+#: Extra wait past a holder's lease before looking again (server clocks tick in ms).
+LEASE_MARGIN_S = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class PermitsRef:
+    """Where a permit primitive lives and what shape it has."""
+
+    backend: Backend
+    kind: str
+    name: str
+    init: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.backend.prefix}{self.kind}:{self.name}"
+
+    def describe(self) -> str:
+        return f"{KINDS[self.kind]} {self.name!r}"
+
+    def call(self, op: str, sid: str, *extra: str | int) -> Call:
+        b = self.backend
+        return Call(
+            "permits",
+            (self.key, self.key + ":q", b.sessions_key, b.fence_key),
+            (b.prefix, op, self.kind, self.init, sid, *extra),
+        )
+
+    def inbox(self, wid: str) -> str:
+        return f"{self.backend.prefix}in:{wid}"
+
+
+def _token(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"malformed fencing token {value!r:.100}") from None
+
+
+def acquire(
+    ref: PermitsRef,
+    sess: SessionView,
+    blocking: bool,
+    deadline: float | None,
+    now: Any,
+) -> Op:
+    """Take one permit. Returns the fencing token, or None if not granted in time.
+
+    ``deadline`` is a value of the monotonic clock ``now()`` (None: no limit).
+    Raises SessionGone (nothing changed) when the server does not know ``sess``.
+    If interrupted while queued (KeyboardInterrupt, task cancelled) it leaves the
+    queue, and gives back a permit granted in the meantime, before re-raising.
+    """
+    wid = sess.new_waiter_id()
+    inbox = ref.inbox(wid)
+    reply = yield ref.call("acquire", sess.id, wid, 1 if blocking else 0)
+    queued = False
+    try:
+        while True:
+            status = reply[0]
+            if status == "ok":
+                return _token(reply[1])
+            if status == "busy":
+                return None
+            if status == "nosession":
+                raise SessionGone()
+            if status != "queued":
+                check_common(reply, ref.describe)
+                raise ProtocolError(f"{ref.describe()}: unexpected reply {reply!r:.200}")
+            queued = True
+            holders = parse_holders(reply[1:])
+            if sess.watch_holders(holders, inbox):
+                reply = yield ref.call("acquire", sess.id, wid, 1)
+                continue
+            left = None if deadline is None else deadline - now()
+            if left is not None and left <= 0:
+                reply = yield ref.call("cancel", sess.id, wid)
+                queued = False
+                return _token(reply[1]) if reply[0] == "ok" else None
+            # Look again when the earliest holder lease may have ended.
+            wait = MAX_POP_SECONDS if left is None else min(left, MAX_POP_SECONDS)
+            got = yield Pop(inbox, wait)
+            if got is not None:
+                queued = False
+                return _token(got)
+            if deadline is not None and now() >= deadline:
+                reply = yield ref.call("cancel", sess.id, wid)
+                queued = False
+                return _token(reply[1]) if reply[0] == "ok" else None
+            reply = yield ref.call("acquire", sess.id, wid, 1)
+    except BaseException:
+        if queued:
+            reply = yield ref.call("cancel", sess.id, wid)
+            if reply[0] == "ok":
+                yield ref.call("release", sess.id, 1)
+        raise
+
+
+def release(ref: PermitsRef, sess: SessionView | None, n: int, held_locally: bool) -> Op:
+    """Give back ``n`` permits. Returns how many waiters were woken.
+
+    ``held_locally`` says whether this process believes it holds the primitive: a
+    lock the server says is not ours then means the hold was lost (LockLostError),
+    not misuse.
+    """
+    sid = sess.id if sess is not None else "-"
+    reply = yield ref.call("release", sid, n)
+    status = reply[0]
+    if status == "ok":
+        return int(reply[1])
+    if status in ("notheld", "notowner"):
+        if held_locally:
+            raise LockLostError(
+                f"{ref.describe()} was no longer held by this process when released: its "
+                "session lease ended (paused or cut off past the ttl, or the server lost "
+                "its data); another process may have been granted it since"
+            )
+        if status == "notowner":
+            h = parse_holders(reply[1:])
+            who = f" (held by pid {h[0].pid}, session {h[0].sid[:8]})" if h else ""
+            raise NotOwnerError(f"cannot release {ref.describe()}: held by another process{who}")
+        raise NotHeldError(f"release of unlocked {ref.describe()}")
+    if status == "overrelease":
+        raise OverReleaseError(f"{ref.describe()} released too many times")
+    check_common(reply, ref.describe)
+    raise ProtocolError(f"{ref.describe()}: unexpected reply {reply!r:.200}")
+
+
+@dataclass(frozen=True, slots=True)
+class PermitState:
+    """What the server knows of a permit primitive at one instant."""
+
+    value: int
+    initial: int
+    last_token: int
+    grants: int
+    reclaimed: int
+    waiting: int
+    holders: tuple[Any, ...]
+
+
+def state(ref: PermitsRef) -> Op:
+    """Read the primitive's state (reaping dead holders first)."""
+    reply = yield ref.call("state", "-")
+    if reply[0] != "state":
+        check_common(reply, ref.describe)
+        raise ProtocolError(f"{ref.describe()}: unexpected reply {reply!r:.200}")
+    try:
+        nums = [int(x) for x in reply[1:7]]
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"{ref.describe()}: malformed state {reply!r:.200}") from exc
+    v, init, last, grants, reclaimed, waiting = nums
+    return PermitState(v, init, last, grants, reclaimed, waiting, tuple(parse_holders(reply[7:])))

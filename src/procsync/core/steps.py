@@ -1,0 +1,119 @@
+"""The steps a core operation yields, and the helpers every core module shares."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeAlias
+
+from procsync.errors import ConflictError, ProtocolError, WrongTypeError
+
+__all__ = [
+    "Call",
+    "HolderInfo",
+    "Op",
+    "Pop",
+    "SessionGone",
+    "SessionView",
+    "Step",
+    "check_common",
+    "parse_holders",
+]
+
+ScriptArg: TypeAlias = "str | int | float"
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Run Lua script ``script`` with ``keys`` and ``args``; the result is its reply list."""
+
+    script: str
+    keys: tuple[str, ...]
+    args: tuple[ScriptArg, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Pop:
+    """Block until a value is pushed onto list ``key`` (result: str) or ``timeout``
+    seconds pass (result: None). Drivers cap one pop at MAX_POP_SECONDS."""
+
+    key: str
+    timeout: float
+
+
+Step: TypeAlias = "Call | Pop"
+Op: TypeAlias = "Generator[Step, Any, Any]"
+
+
+class SessionGone(Exception):
+    """Internal: the server does not know the caller's session; drivers open a new one
+    and run the operation again (the script changed nothing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HolderInfo:
+    """One holder as scripts report it: session id, lease deadline (server ms), the
+    identity of its process, and how many permits it holds."""
+
+    sid: str
+    deadline_ms: int
+    boot_id: str
+    pid: int
+    start_ticks: int
+    host: str
+    permits: int
+
+
+class SessionView(Protocol):
+    """What core operations need of the caller's session."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def boot_id(self) -> str: ...
+
+    def new_waiter_id(self) -> str: ...
+
+    def watch_holders(self, holders: list[HolderInfo], inbox: str) -> bool:
+        """Ask to be woken (a push onto ``inbox``) when a same-host holder dies.
+
+        Returns True when some holder is already known dead and was reaped, so the
+        caller should look again at once."""
+        ...
+
+
+def parse_holders(flat: list[Any]) -> list[HolderInfo]:
+    """Decode the flat ``sid, deadline, boot, pid, start, host, permits`` list."""
+    if len(flat) % 7:
+        raise ProtocolError(f"malformed holder list {flat!r:.200}")
+    out = []
+    try:
+        for i in range(0, len(flat), 7):
+            out.append(
+                HolderInfo(
+                    sid=str(flat[i]),
+                    deadline_ms=int(float(flat[i + 1])),
+                    boot_id=str(flat[i + 2]),
+                    pid=int(flat[i + 3]),
+                    start_ticks=int(flat[i + 4]),
+                    host=str(flat[i + 5]),
+                    permits=int(flat[i + 6]),
+                )
+            )
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed holder list {flat!r:.200}") from exc
+    return out
+
+
+def check_common(reply: list[Any], what: Callable[[], str]) -> None:
+    """Raise for the replies every script may give: wrong key type, kind conflict."""
+    status = reply[0]
+    if status == "wrongtype":
+        raise WrongTypeError(
+            f"{what()}: its key holds a Redis {reply[1]!r}, written by something other than "
+            "procsync; it was left untouched"
+        )
+    if status == "conflict":
+        shape = reply[1] if not reply[2] else f"{reply[1]} with value {reply[2]}"
+        raise ConflictError(f"{what()}: the name is already in use by a {shape}")

@@ -1,0 +1,229 @@
+--[[ procsync shared Lua library: prepended to every script by procsync.backend.scripts.
+
+Key layout. Every key of a namespace starts with the prefix P = "procsync:{<namespace>}:",
+so all of them share one hash tag and one Redis Cluster slot; a script may therefore
+touch a primitive and the session registry together.
+
+  P.."sessions"        ZSET  session id -> lease deadline (server ms)       [declared]
+  P.."fence"           STRING fencing-token counter for the namespace       [declared]
+  P.."s:"..sid         HASH  session identity and state                     [derived]
+  P.."h:"..sid         SET   state keys this session holds or waits in      [derived]
+  P.."in:"..wid        LIST  one waiter's inbox: grants are pushed here     [derived]
+  P.."events"          STREAM joined / left / died / stalled / forced       [derived]
+  P.."gone"            ZSET  ended session id -> end time (retention index) [derived]
+
+Derived keys are named from ids found in declared keys (a holder, a queue entry);
+they carry the same hash tag, so they stay in the script's slot.
+
+A waiter id (wid) is "<sid>/<n>"; its session id is the part before the slash.
+A hold is valid exactly while its session is: a session is alive while its
+deadline in P.."sessions" is in the future. An expired session is reaped
+(reap_session) by whichever script meets it first.
+]]
+
+local RETENTION_MS = 3600000      -- how long an ended session stays listed
+local INBOX_TTL_MS = 120000       -- an unclaimed grant token is dropped after this
+local EVENTS_MAXLEN = 10000
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function sid_of(wid)
+  local i = string.find(wid, '/', 1, true)
+  if i then return string.sub(wid, 1, i - 1) end
+  return wid
+end
+
+-- The deadline of a live session, or nil when it is unknown or expired.
+local function alive(P, sid, now)
+  local d = redis.call('ZSCORE', P .. 'sessions', sid)
+  if d and tonumber(d) > now then return tonumber(d) end
+  return nil
+end
+
+-- Next fencing token of the namespace. A missing counter means a fresh server or
+-- lost data: it restarts from the server clock in microseconds, which is above every
+-- token handed out before as long as fewer than one grant per microsecond was made.
+local function next_token(P)
+  local f = P .. 'fence'
+  local t = redis.call('INCR', f)
+  if t == 1 then
+    t = now_us()
+    redis.call('SET', f, string.format('%d', t))
+  end
+  return t
+end
+
+local function log_event(P, typ, sid, now, extra)
+  local skey = P .. 's:' .. sid
+  local info = redis.call('HMGET', skey, 'name', 'host', 'pid')
+  local args = {'XADD', P .. 'events', 'MAXLEN', '~', EVENTS_MAXLEN, '*',
+                'type', typ, 'sid', sid, 'at', now,
+                'name', info[1] or '', 'host', info[2] or '', 'pid', info[3] or ''}
+  if extra then
+    for _, v in ipairs(extra) do args[#args + 1] = v end
+  end
+  redis.call(unpack(args))
+end
+
+local function push_grant(P, wid, value)
+  local inbox = P .. 'in:' .. wid
+  redis.call('LPUSH', inbox, value)
+  redis.call('PEXPIRE', inbox, INBOX_TTL_MS)
+end
+
+-- Does session `sid` still wait in list `q`? (another thread of the same process may)
+local function queued_in(q, sid)
+  local prefix = sid .. '/'
+  for _, w in ipairs(redis.call('LRANGE', q, 0, -1)) do
+    if string.sub(w, 1, #prefix) == prefix then return true end
+  end
+  return false
+end
+
+-- Remove every entry of session `sid` from list `q`.
+local function unqueue_session(q, sid)
+  local prefix = sid .. '/'
+  for _, w in ipairs(redis.call('LRANGE', q, 0, -1)) do
+    if string.sub(w, 1, #prefix) == prefix then redis.call('LREM', q, 0, w) end
+  end
+end
+
+--------------------------------------------------------------------------------
+-- Permit primitives (Lock, RLock, Semaphore, BoundedSemaphore) share one state:
+--   HASH k: kind, init, v (free permits), t (last token), g (grants),
+--           r (permits reclaimed from dead holders), "h:"..sid -> permits held
+--   LIST k..":q": FIFO of waiter ids
+-- A permit primitive with every permit free and no waiter has no key.
+
+local function permits_dispatch(P, k, now)
+  local q = k .. ':q'
+  local v = tonumber(redis.call('HGET', k, 'v'))
+  local granted = {}
+  while v > 0 do
+    local w = redis.call('LPOP', q)
+    if not w then break end
+    local wsid = sid_of(w)
+    if alive(P, wsid, now) then
+      v = v - 1
+      local tok = next_token(P)
+      redis.call('HINCRBY', k, 'h:' .. wsid, 1)
+      redis.call('HSET', k, 'v', v, 't', string.format('%d', tok))
+      redis.call('HINCRBY', k, 'g', 1)
+      redis.call('SADD', P .. 'h:' .. wsid, k)
+      push_grant(P, w, string.format('%d', tok))
+      granted[w] = tok
+    end
+  end
+  return granted
+end
+
+-- Delete a permit primitive whose every permit is free and that nobody waits for.
+local function permits_maybe_delete(k)
+  local s = redis.call('HMGET', k, 'v', 'init')
+  if s[1] and tonumber(s[1]) == tonumber(s[2]) and redis.call('LLEN', k .. ':q') == 0 then
+    for _, f in ipairs(redis.call('HKEYS', k)) do
+      if string.sub(f, 1, 2) == 'h:' then return false end
+    end
+    redis.call('DEL', k)
+    return true
+  end
+  return false
+end
+
+-- Forward declaration: kind-specific cleanup when a session ends.
+local drop_session_from
+
+-- End session `sid`: its holds return, its waits vanish, its end is logged.
+-- why: 'died' (lease expired or process gone), 'left' (clean close), 'forced'.
+local function reap_session(P, sid, now, why)
+  redis.call('ZREM', P .. 'sessions', sid)
+  local hk = P .. 'h:' .. sid
+  for _, k in ipairs(redis.call('SMEMBERS', hk)) do
+    drop_session_from(P, k, sid, now)
+  end
+  redis.call('DEL', hk)
+  local skey = P .. 's:' .. sid
+  if redis.call('EXISTS', skey) == 1 then
+    local state = 'dead'
+    if why == 'left' then state = 'left' end
+    redis.call('HSET', skey, 'state', state, 'ended', now)
+    redis.call('PEXPIRE', skey, RETENTION_MS)
+    redis.call('ZADD', P .. 'gone', now, sid)
+    log_event(P, why, sid, now)
+  end
+end
+
+-- Reap every expired holder of permit primitive k (each one whole session).
+local function permits_reap_dead_holders(P, k, now)
+  for _, f in ipairs(redis.call('HKEYS', k)) do
+    if string.sub(f, 1, 2) == 'h:' then
+      local hsid = string.sub(f, 3)
+      if not alive(P, hsid, now) then reap_session(P, hsid, now, 'died') end
+    end
+  end
+end
+
+drop_session_from = function(P, k, sid, now)
+  local kind = redis.call('HGET', k, 'kind')
+  if not kind then return end
+  if kind == 'lock' or kind == 'rlock' or kind == 'sem' or kind == 'bsem' then
+    local n = tonumber(redis.call('HGET', k, 'h:' .. sid) or '0')
+    if n > 0 then
+      redis.call('HDEL', k, 'h:' .. sid)
+      redis.call('HINCRBY', k, 'v', n)
+      redis.call('HINCRBY', k, 'r', n)
+    end
+    unqueue_session(k .. ':q', sid)
+    permits_dispatch(P, k, now)
+    permits_maybe_delete(k)
+  elseif kind == 'event' then
+    unqueue_session(k .. ':w', sid)
+    if redis.call('HGET', k, 'set') ~= '1' and redis.call('LLEN', k .. ':w') == 0 then
+      redis.call('DEL', k)
+    end
+  end
+end
+
+-- Check the state key k: {nil} when usable, or an error reply table.
+local function check_kind(k, kind, init)
+  local typ = redis.call('TYPE', k)['ok']
+  if typ == 'none' then return nil end
+  if typ ~= 'hash' then return {'wrongtype', typ} end
+  local s = redis.call('HMGET', k, 'kind', 'init')
+  if not s[1] then return {'wrongtype', 'hash'} end
+  if s[1] ~= kind or (init and tonumber(s[2]) ~= tonumber(init)) then
+    return {'conflict', s[1], s[2] or ''}
+  end
+  return nil
+end
+
+-- Identity of up to `limit` holders of k: flat list sid, deadline, boot, pid, start,
+-- host, permits held.
+local function holders_info(P, k, limit)
+  local out = {}
+  local n = 0
+  for _, f in ipairs(redis.call('HKEYS', k)) do
+    if string.sub(f, 1, 2) == 'h:' and n < limit then
+      local hsid = string.sub(f, 3)
+      local d = redis.call('ZSCORE', P .. 'sessions', hsid) or '0'
+      local id = redis.call('HMGET', P .. 's:' .. hsid, 'boot', 'pid', 'start', 'host')
+      out[#out + 1] = hsid
+      out[#out + 1] = tostring(d)
+      out[#out + 1] = id[1] or ''
+      out[#out + 1] = id[2] or '0'
+      out[#out + 1] = id[3] or '0'
+      out[#out + 1] = id[4] or ''
+      out[#out + 1] = redis.call('HGET', k, f)
+      n = n + 1
+    end
+  end
+  return out
+end

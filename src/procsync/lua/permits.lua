@@ -1,0 +1,160 @@
+--[[ permits.lua: Lock, RLock, Semaphore and BoundedSemaphore.
+
+KEYS[1]  k          HASH  state of the primitive (see _lib.lua "Permit primitives")
+KEYS[2]  k..":q"    LIST  FIFO queue of waiter ids
+KEYS[3]  P.."sessions"
+KEYS[4]  P.."fence"
+ARGV[1]  P          key prefix of the namespace
+ARGV[2]  op         acquire | release | cancel | state
+ARGV[3]  kind       lock | rlock | sem | bsem
+ARGV[4]  init       initial number of permits (1 for locks)
+ARGV[5]  sid        caller's session id
+ARGV[6]  wid        caller's waiter id (acquire, cancel)   | n permits (release)
+ARGV[7]  blocking   1 / 0 (acquire)
+
+Replies (first element is the status):
+  acquire: {'ok', token} | {'busy', holders...} | {'queued', holders...} | {'nosession'}
+  release: {'ok', woken} | {'notheld'} | {'notowner', holders...} | {'overrelease'}
+  cancel:  {'ok', token}  (granted before the cancel arrived) | {'cancelled'}
+  state:   {'state', v, init, last_token, grants, reclaimed, queue_len, holders...}
+  any op:  {'wrongtype', type} | {'conflict', kind, init}
+holders... is a flat list of (sid, deadline_ms, boot_id, pid, start_ticks, host, permits),
+at most 32 holders.
+
+States: absent (all free, nobody waits) -> held (v < init or waiters) -> absent.
+Invariants: v + sum(h:*) == init for lock, rlock, bsem; a grant always goes to the
+head of the queue, never to a newcomer while a live waiter is queued (FIFO, no barging);
+a dead session's permits return to v before anyone is granted.
+]]
+
+local k, q = KEYS[1], KEYS[2]
+local P, op, kind, init, sid = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local now = now_ms()
+
+local bad = check_kind(k, kind, init)
+if bad then return bad end
+
+local function ensure()
+  if redis.call('EXISTS', k) == 0 then
+    redis.call('HSET', k, 'kind', kind, 'init', init, 'v', init, 't', 0, 'g', 0, 'r', 0)
+  end
+end
+
+if op == 'state' then
+  if redis.call('EXISTS', k) == 0 then
+    return {'state', init, init, 0, 0, 0, 0}
+  end
+  permits_reap_dead_holders(P, k, now)
+  if redis.call('EXISTS', k) == 0 then
+    return {'state', init, init, 0, 0, 0, 0}
+  end
+  local s = redis.call('HMGET', k, 'v', 'init', 't', 'g', 'r')
+  local out = {'state', tonumber(s[1]), tonumber(s[2]), tonumber(s[3]), tonumber(s[4]),
+               tonumber(s[5]), redis.call('LLEN', q)}
+  for _, x in ipairs(holders_info(P, k, 32)) do out[#out + 1] = x end
+  return out
+end
+
+if op == 'acquire' then
+  local wid = ARGV[6]
+  local blocking = ARGV[7] == '1'
+  if not alive(P, sid, now) then return {'nosession'} end
+  ensure()
+  permits_reap_dead_holders(P, k, now)
+  ensure()
+  if not redis.call('LPOS', q, wid) then
+    local v = tonumber(redis.call('HGET', k, 'v'))
+    if v > 0 and redis.call('LLEN', q) == 0 then
+      local tok = next_token(P)
+      redis.call('HINCRBY', k, 'h:' .. sid, 1)
+      redis.call('HSET', k, 'v', v - 1, 't', string.format('%d', tok))
+      redis.call('HINCRBY', k, 'g', 1)
+      redis.call('SADD', P .. 'h:' .. sid, k)
+      return {'ok', tok}
+    end
+    if not blocking then
+      local out = {'busy'}
+      for _, x in ipairs(holders_info(P, k, 32)) do out[#out + 1] = x end
+      permits_maybe_delete(k)
+      return out
+    end
+    redis.call('RPUSH', q, wid)
+    redis.call('SADD', P .. 'h:' .. sid, k)
+  end
+  local granted = permits_dispatch(P, k, now)
+  if granted[wid] then
+    redis.call('DEL', P .. 'in:' .. wid)
+    return {'ok', granted[wid]}
+  end
+  local out = {'queued'}
+  for _, x in ipairs(holders_info(P, k, 32)) do out[#out + 1] = x end
+  return out
+end
+
+if op == 'cancel' then
+  local wid = ARGV[6]
+  redis.call('LREM', q, 0, wid)
+  local inbox = P .. 'in:' .. wid
+  local tok = redis.call('LPOP', inbox)
+  redis.call('DEL', inbox)
+  if tok then return {'ok', tonumber(tok)} end
+  if redis.call('EXISTS', k) == 1 then
+    if not redis.call('HGET', k, 'h:' .. sid) and not queued_in(q, sid) then
+      redis.call('SREM', P .. 'h:' .. sid, k)
+    end
+    permits_dispatch(P, k, now)
+    permits_maybe_delete(k)
+  end
+  return {'cancelled'}
+end
+
+if op == 'release' then
+  local n = tonumber(ARGV[6])
+  if redis.call('EXISTS', k) == 0 then
+    if kind == 'lock' or kind == 'rlock' then return {'notheld'} end
+    if kind == 'bsem' then return {'overrelease'} end
+    ensure()
+  end
+  permits_reap_dead_holders(P, k, now)
+  ensure()
+  local mine = tonumber(redis.call('HGET', k, 'h:' .. sid) or '0')
+  if kind == 'lock' or kind == 'rlock' then
+    if mine == 0 then
+      local others = holders_info(P, k, 32)
+      permits_maybe_delete(k)
+      if #others > 0 then
+        local out = {'notowner'}
+        for _, x in ipairs(others) do out[#out + 1] = x end
+        return out
+      end
+      return {'notheld'}
+    end
+  end
+  local from_mine = math.min(mine, n)
+  local extra = n - from_mine
+  if kind == 'bsem' and extra > 0 then
+    local total = tonumber(redis.call('HGET', k, 'v'))
+    for _, f in ipairs(redis.call('HKEYS', k)) do
+      if string.sub(f, 1, 2) == 'h:' then total = total + tonumber(redis.call('HGET', k, f)) end
+    end
+    if total + extra > init then
+      permits_maybe_delete(k)
+      return {'overrelease'}
+    end
+  end
+  if from_mine > 0 then
+    if from_mine == mine then
+      redis.call('HDEL', k, 'h:' .. sid)
+      if not queued_in(q, sid) then redis.call('SREM', P .. 'h:' .. sid, k) end
+    else
+      redis.call('HINCRBY', k, 'h:' .. sid, -from_mine)
+    end
+  end
+  redis.call('HINCRBY', k, 'v', n)
+  local woken = 0
+  for _ in pairs(permits_dispatch(P, k, now)) do woken = woken + 1 end
+  permits_maybe_delete(k)
+  return {'ok', woken}
+end
+
+return redis.error_reply('procsync: unknown permits op ' .. tostring(op))

@@ -1,0 +1,512 @@
+"""Sessions: how a process proves to the server that it is alive.
+
+Each process has one session per server and namespace: an id of 128 random bits,
+its identity (host, boot id, pid, process start time), a name, and a lease of
+``ttl`` seconds that a daemon heartbeat thread renews every ``ttl/3`` with one
+script call, whatever the process holds. Every hold — lock owner, permit, waiter
+— belongs to a session and is valid exactly while the session is.
+
+Failure model
+-------------
+* Clean exit (interpreter exit, ``multiprocessing`` child exit, ``close()``): the
+  session ends at once and every hold is released.
+* Crash (SIGKILL, segfault): a waiter on the same host notices the pid is gone
+  and reaps the session within milliseconds; otherwise the first script to see
+  the lease expired reaps it, within ``ttl`` plus one heartbeat period.
+* Client-side deadline (Chubby's "jeopardy"): the client counts the lease from the
+  moment it *sent* the renewal. If no confirmation arrives before that local
+  deadline, every hold is reported lost (``.lost``, ``on_lost`` callbacks,
+  :class:`~procsync.errors.LockLostError` on release) — no later than the server
+  could hand the primitive to someone else.
+* Fork: a child never owns or renews its parent's session; it opens its own on
+  first use.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import logging
+import multiprocessing.util
+import os
+import secrets
+import select
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from procsync import _config
+from procsync._identity import Identity, current_identity, pid_alive
+from procsync._validate import check_name, check_ttl
+from procsync.backend.client import Backend, get_backend
+from procsync.core.steps import HolderInfo
+from procsync.errors import ServerError, SessionLostError
+
+__all__ = ["HoldOwner", "PidWatcher", "Session", "current_session", "session_for"]
+
+log = logging.getLogger("procsync.session")
+
+REAP_BATCH = 16
+
+
+class HoldOwner(Protocol):
+    """A primitive that holds something through a session and must hear of its loss."""
+
+    def _hold_lost(self, reason: str) -> None: ...
+
+
+class Session:
+    """The process's membership on one server: identity, lease, heartbeat.
+
+    ``Session(name=..., ttl=...)`` opens a session and makes it the one this
+    process uses for that server and namespace (closing an idle previous one).
+    Primitives open a default session on first use, so most programs never
+    create one. Use as a context manager to end it (and release its holds) early.
+
+    ``heartbeat="thread"`` renews from a daemon thread of this process. A session
+    that must outlive a main thread stuck in C code holding the GIL wants a
+    heartbeat process; that mode belongs to the liveness registry.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_closed",
+        "_deadline",
+        "_hb_thread",
+        "_holders",
+        "_lock",
+        "_lost_reason",
+        "_on_lost",
+        "_stop",
+        "_waiter_seq",
+        "backend",
+        "heartbeat",
+        "id",
+        "identity",
+        "name",
+        "stall_after",
+        "started",
+        "ttl",
+    )
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        ttl: float | None = None,
+        heartbeat: str = "thread",
+        stall_after: float | None = None,
+        url: str | None = None,
+        namespace: str | None = None,
+        _install: bool = True,
+    ) -> None:
+        self.ttl = check_ttl(ttl if ttl is not None else _config.env_ttl())
+        if heartbeat != "thread":
+            raise ValueError(f"heartbeat must be 'thread', got {heartbeat!r}")
+        self.heartbeat = heartbeat
+        self.stall_after = None if stall_after is None else check_ttl(stall_after)
+        self.identity: Identity = current_identity()
+        self.name = check_name(name, "session name") if name is not None else _default_name()
+        self.backend: Backend = get_backend(url, namespace)
+        self.id = secrets.token_hex(16)
+        self._lock = threading.Lock()
+        self._holders: set[HoldOwner] = set()
+        self._on_lost: list[Callable[[Session, str], None]] = []
+        self._lost_reason: str | None = None
+        self._closed = False
+        self._stop = threading.Event()
+        self._waiter_seq = itertools.count(1)
+        self._hb_thread: threading.Thread | None = None
+        self.started = time.time()
+        self._deadline = 0.0
+        self._open()
+        if _install:
+            _install_session(self)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def _keys(self) -> list[str]:
+        return [self.backend.sessions_key, self.backend.gone_key]
+
+    def _open(self) -> None:
+        sent = time.monotonic()
+        ttl_ms = int(self.ttl * 1000)
+        stall_ms = int(self.stall_after * 1000) if self.stall_after else 0
+        ident = self.identity
+        self.backend.call(
+            "session",
+            self._keys(),
+            [
+                self.backend.prefix,
+                "open",
+                self.id,
+                ttl_ms,
+                self.name,
+                ident.host,
+                ident.boot_id,
+                ident.pid,
+                ident.start_ticks,
+                self.heartbeat,
+                stall_ms,
+            ],
+        )
+        self._deadline = sent + self.ttl
+        t = threading.Thread(
+            target=self._beat_loop, name=f"procsync-heartbeat-{self.id[:8]}", daemon=True
+        )
+        self._hb_thread = t
+        t.start()
+        log.debug("session %s opened on %s (ttl %.1fs)", self.id, self.backend.safe_url, self.ttl)
+
+    def _beat_loop(self) -> None:
+        period = self.ttl / 3.0
+        wait = period
+        while not self._stop.wait(wait):
+            if os.getpid() != self.identity.pid:  # pragma: no cover - threads don't survive fork
+                return
+            sent = time.monotonic()
+            try:
+                reply = self.backend.call(
+                    "session",
+                    self._keys(),
+                    [self.backend.prefix, "beat", self.id, int(self.ttl * 1000), REAP_BATCH],
+                )
+            except ServerError as exc:
+                if time.monotonic() >= self._deadline:
+                    self._lose(f"no heartbeat confirmed for a whole ttl ({self.ttl:g}s): {exc}")
+                    return
+                # Retry soon, but not in a tight loop.
+                wait = max(0.05, min(period, (self._deadline - time.monotonic()) / 4))
+                continue
+            if reply[0] == "unknown":
+                self._lose(
+                    "the server no longer knows this session: its lease ran out "
+                    "or the server lost its data"
+                )
+                return
+            if time.monotonic() >= sent + self.ttl:
+                self._lose(f"a heartbeat took longer than the ttl ({self.ttl:g}s)")
+                return
+            self._deadline = sent + self.ttl
+            wait = period
+
+    def _lose(self, reason: str) -> None:
+        with self._lock:
+            if self._lost_reason is not None or self._closed:
+                return
+            self._lost_reason = reason
+            holders = list(self._holders)
+            self._holders.clear()
+            callbacks = list(self._on_lost)
+        self._stop.set()
+        log.warning("session %s lost: %s", self.id, reason)
+        for h in holders:
+            try:
+                h._hold_lost(reason)
+            except Exception:
+                log.exception("on_lost callback failed")
+        for cb in callbacks:
+            try:
+                cb(self, reason)
+            except Exception:
+                log.exception("on_lost callback failed")
+
+    def close(self) -> None:
+        """End the session now: every hold is released and waiters are served.
+
+        Idempotent. Called automatically at interpreter exit and when a
+        ``multiprocessing`` child finishes.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        if os.getpid() != self.identity.pid:
+            return  # a forked copy: the parent's session is not ours to end
+        if self._lost_reason is None:
+            with contextlib.suppress(ServerError):
+                self.backend.call("session", self._keys(), [self.backend.prefix, "close", self.id])
+        _uninstall_session(self)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- state --------------------------------------------------------------------
+
+    @property
+    def lost(self) -> bool:
+        """True once the session's lease may have ended without a clean close."""
+        if self._lost_reason is not None:
+            return True
+        if not self._closed and time.monotonic() >= self._deadline:
+            self._lose(f"no heartbeat confirmed within the ttl ({self.ttl:g}s)")
+            return True
+        return False
+
+    @property
+    def usable(self) -> bool:
+        """Open, not lost, and owned by this very process (not a fork's copy)."""
+        return not self._closed and not self.lost and os.getpid() == self.identity.pid
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the session was lost, or None."""
+        return self._lost_reason
+
+    @property
+    def boot_id(self) -> str:
+        return self.identity.boot_id
+
+    def on_lost(self, callback: Callable[[Session, str], None]) -> None:
+        """Call ``callback(session, reason)`` (from the heartbeat thread) if the session
+        is lost."""
+        with self._lock:
+            self._on_lost.append(callback)
+
+    def progress(self) -> None:
+        """Tell the registry the application made progress (see ``stall_after``)."""
+        reply = self.backend.call(
+            "session", self._keys(), [self.backend.prefix, "progress", self.id]
+        )
+        if reply[0] == "unknown":
+            raise SessionLostError(f"session {self.id} is no longer known to the server")
+
+    beat = progress
+
+    # -- what primitives use --------------------------------------------------------
+
+    def new_waiter_id(self) -> str:
+        return f"{self.id}/{next(self._waiter_seq)}"
+
+    def add_holder(self, owner: HoldOwner) -> None:
+        with self._lock:
+            self._holders.add(owner)
+
+    def remove_holder(self, owner: HoldOwner) -> None:
+        with self._lock:
+            self._holders.discard(owner)
+
+    def watch_holders(self, holders: list[HolderInfo], inbox: str) -> bool:
+        """Watch same-host holders; reap those already dead. True if one was reaped."""
+        reaped = False
+        for h in holders:
+            if h.boot_id != self.identity.boot_id or h.sid == self.id:
+                continue
+            if not pid_alive(h.pid, h.start_ticks):
+                reaped |= reap_dead(self.backend, h)
+            else:
+                _watcher().watch(h.pid, h.start_ticks, (self.backend, h))
+        return reaped
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("lost" if self._lost_reason else "alive")
+        return (
+            f"<procsync.Session {self.name!r} id={self.id[:8]} {state} ttl={self.ttl:g}s "
+            f"at {self.backend.safe_url}>"
+        )
+
+
+def reap_dead(backend: Backend, h: HolderInfo) -> bool:
+    """Tell the server that the session ``h.sid`` of a process seen dead is over.
+
+    The script checks the identity, so a session that reused the pid is not touched.
+    """
+    reply = backend.call(
+        "session",
+        [backend.sessions_key, backend.gone_key],
+        [backend.prefix, "reap", h.sid, h.boot_id, h.pid, h.start_ticks],
+    )
+    return len(reply) > 1 and str(reply[1]) == "1"
+
+
+def _default_name() -> str:
+    import sys
+
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    proc = multiprocessing.current_process().name
+    return f"{argv0}:{proc}"[:200]
+
+
+# -- the process's sessions -------------------------------------------------------
+
+_sessions: dict[tuple[str, str], Session] = {}
+_sessions_lock = threading.Lock()
+_session_defaults: dict[str, Any] = {}
+
+
+def _key(backend: Backend) -> tuple[str, str]:
+    return (backend.url, backend.namespace)
+
+
+def _install_session(s: Session) -> None:
+    with _sessions_lock:
+        old = _sessions.get(_key(s.backend))
+        _sessions[_key(s.backend)] = s
+    if old is not None and old is not s:
+        old.close()
+    atexit.register(s.close)
+    multiprocessing.util.Finalize(s, s.close, exitpriority=100)
+
+
+def _uninstall_session(s: Session) -> None:
+    with _sessions_lock:
+        if _sessions.get(_key(s.backend)) is s:
+            del _sessions[_key(s.backend)]
+
+
+def session_for(backend: Backend) -> Session:
+    """The process's usable session on ``backend``, opened (or replaced) on demand."""
+    s = _sessions.get(_key(backend))
+    if s is not None and s.usable:
+        return s
+    with _sessions_lock:
+        s = _sessions.get(_key(backend))
+        if s is not None and s.usable:
+            return s
+    fresh = Session(
+        url=backend.url, namespace=backend.namespace, _install=False, **_session_defaults
+    )
+    _install_session(fresh)
+    return fresh
+
+
+def current_session(url: str | None = None, namespace: str | None = None) -> Session:
+    """The session this process uses for ``url``/``namespace`` (opened if needed)."""
+    return session_for(get_backend(url, namespace))
+
+
+# -- same-host death watcher -------------------------------------------------------
+
+
+class PidWatcher:
+    """One daemon thread per process that learns, within milliseconds, when a watched
+    process on this host exits (Linux pidfds; a 50 ms check elsewhere), and then
+    reaps its sessions on the server, which hands their holds to the next waiters."""
+
+    POLL_FALLBACK_MS = 50
+    MAX_WATCHED = 1000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._poll = select.poll()
+        self._by_fd: dict[int, tuple[int, int]] = {}
+        self._targets: dict[tuple[int, int], dict[str, tuple[Backend, HolderInfo]]] = {}
+        self._fds: dict[tuple[int, int], int] = {}
+        self._unwatchable: set[tuple[int, int]] = set()
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        self._wake_r, self._wake_w = r, w
+        self._poll.register(r, select.POLLIN)
+        self._thread: threading.Thread | None = None
+
+    def watch(self, pid: int, start: int, target: tuple[Backend, HolderInfo]) -> None:
+        """Reap ``target`` (backend, holder) when process (pid, start) is gone."""
+        key = (pid, start)
+        with self._lock:
+            known = key in self._targets
+            if not known and len(self._targets) >= self.MAX_WATCHED:
+                return  # the ttl still catches it
+            self._targets.setdefault(key, {})[f"{id(target[0])}:{target[1].sid}"] = target
+            if known:
+                return
+            fd = -1
+            pidfd_open = getattr(os, "pidfd_open", None)
+            if pidfd_open is not None:
+                try:
+                    fd = pidfd_open(pid)
+                except ProcessLookupError:
+                    fd = -1
+                except OSError:
+                    fd = -1
+            if fd >= 0:
+                self._fds[key] = fd
+                self._by_fd[fd] = key
+                self._poll.register(fd, select.POLLIN)
+            else:
+                self._unwatchable.add(key)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="procsync-pidwatch", daemon=True
+                )
+                self._thread.start()
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def _run(self) -> None:
+        while True:
+            timeout = self.POLL_FALLBACK_MS if self._unwatchable else None
+            try:
+                events = self._poll.poll(timeout)
+            except InterruptedError:  # pragma: no cover
+                continue
+            dead: list[tuple[int, int]] = []
+            for fd, _ in events:
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                    continue
+                key = self._by_fd.get(fd)
+                if key is not None:
+                    dead.append(key)
+            with self._lock:
+                for key in list(self._unwatchable):
+                    if not pid_alive(*key):
+                        dead.append(key)
+                # A pidfd only says the pid ended; also catch a reused pid.
+                for key in list(self._fds):
+                    if key not in dead and not pid_alive(*key):
+                        dead.append(key)
+                batches = []
+                for key in dead:
+                    fd = self._fds.pop(key, -1)
+                    if fd >= 0:
+                        self._by_fd.pop(fd, None)
+                        with contextlib.suppress(KeyError, ValueError):
+                            self._poll.unregister(fd)
+                        os.close(fd)
+                    self._unwatchable.discard(key)
+                    batches.append(list(self._targets.pop(key, {}).values()))
+            for targets in batches:
+                for backend, holder in targets:
+                    try:
+                        reap_dead(backend, holder)
+                    except Exception:
+                        log.warning("could not reap dead session %s", holder.sid, exc_info=True)
+
+
+_watcher_instance: PidWatcher | None = None
+_watcher_lock = threading.Lock()
+
+
+def _watcher() -> PidWatcher:
+    global _watcher_instance
+    w = _watcher_instance
+    if w is None:
+        with _watcher_lock:
+            if _watcher_instance is None:
+                _watcher_instance = PidWatcher()
+            w = _watcher_instance
+    return w
+
+
+def _after_fork_in_child() -> None:
+    global _sessions_lock, _watcher_instance, _watcher_lock
+    # The child owns nothing of its parent's: sessions, heartbeat, watcher all start over.
+    _sessions_lock = threading.Lock()
+    _watcher_lock = threading.Lock()
+    for s in _sessions.values():
+        s._closed = True  # never close or renew the parent's session from here
+    _sessions.clear()
+    _watcher_instance = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+_ = weakref  # weak references are used through __weakref__ slots

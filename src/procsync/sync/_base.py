@@ -1,0 +1,184 @@
+"""What every public primitive shares, sync or asyncio: its name, where it lives,
+pickling, and the local record of what this process holds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from procsync._validate import check_name, check_namespace
+from procsync.backend.client import Backend, get_backend
+from procsync.core.steps import HolderInfo
+from procsync.session import Session
+
+__all__ = ["HoldRecord", "Holder", "Primitive", "rebuild"]
+
+log = logging.getLogger("procsync.primitives")
+
+#: How long the set flag of an anonymous Event lives after its last set().
+ANON_KEEP_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """A process holding (part of) a primitive, as ``owner()`` / ``holders()`` report it."""
+
+    session_id: str
+    host: str
+    pid: int
+    permits: int
+    lease_deadline: float
+    """Server time (Unix seconds) at which the holder's session lease ends unless renewed."""
+
+    @classmethod
+    def from_info(cls, h: HolderInfo) -> Holder:
+        return cls(h.sid, h.host, h.pid, h.permits, h.deadline_ms / 1000.0)
+
+
+def rebuild(cls: type[Primitive], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Primitive:
+    """Unpickle a primitive: open the same name on the same server."""
+    return cls(*args, **kwargs)
+
+
+class Primitive:
+    """Base of every named primitive: ``name``, server, namespace, pickling."""
+
+    __slots__ = ("__weakref__", "_anonymous", "_backend", "_name", "_namespace", "_url")
+
+    _kind_label: ClassVar[str] = "primitive"
+
+    def __init__(self, name: str | None, url: str | None, namespace: str | None) -> None:
+        if url is not None and not isinstance(url, str):
+            raise TypeError(f"url must be a str, not {type(url).__name__}")
+        self._anonymous = name is None
+        self._name = check_name(name) if name is not None else f"anon-{secrets.token_hex(10)}"
+        self._url = url
+        self._namespace = check_namespace(namespace) if namespace is not None else None
+        self._backend: Backend | None = None
+
+    @property
+    def name(self) -> str:
+        """The name every process uses to open this primitive."""
+        return self._name
+
+    @property
+    def backend(self) -> Backend:
+        """The server connection (resolved on first use: constructing never connects)."""
+        b = self._backend
+        if b is None:
+            b = self._backend = get_backend(self._url, self._namespace)
+        return b
+
+    def _ctor(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (), {"name": self._name}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        args, kwargs = self._ctor()
+        kwargs = dict(kwargs, url=self._url, namespace=self._namespace)
+        return (rebuild, (type(self), args, kwargs))
+
+    def _where(self) -> str:
+        return "" if self._backend is None else f" at {self._backend.safe_url}"
+
+
+class HoldRecord:
+    """This process's record of its holds on one primitive (thread-safe).
+
+    A hold is tied to the session it was granted in. It is *lost* when that session
+    is: the heartbeat fires ``_hold_lost`` and the registered callbacks.
+    """
+
+    __slots__ = (
+        "_callbacks",
+        "_count",
+        "_lock",
+        "_lost_reason",
+        "_owner",
+        "_pid",
+        "session",
+        "token",
+    )
+
+    def __init__(self, owner: Any) -> None:
+        self._lock = threading.Lock()
+        self._owner = owner
+        self.session: Session | None = None
+        self.token: int | None = None
+        self._count = 0
+        self._lost_reason: str | None = None
+        self._callbacks: list[Callable[[Any, str], None]] = []
+        self._pid = os.getpid()
+
+    def _forked(self) -> bool:
+        if self._pid != os.getpid():
+            # A forked child never owns its parent's holds.
+            self._pid = os.getpid()
+            self.session, self._count, self._lost_reason = None, 0, None
+            return True
+        return False
+
+    @property
+    def count(self) -> int:
+        self._forked()
+        return self._count
+
+    def granted(self, session: Session, token: int) -> None:
+        self._forked()
+        with self._lock:
+            if self.session is not session:
+                self._count = 0
+            self.session = session
+            self.token = token
+            self._count += 1
+            self._lost_reason = None
+        session.add_holder(self._owner)
+
+    def released(self, n: int = 1) -> None:
+        with self._lock:
+            self._count = max(0, self._count - n)
+            sess = self.session if self._count == 0 else None
+        if sess is not None:
+            sess.remove_holder(self._owner)
+
+    def clear(self) -> None:
+        with self._lock:
+            sess, self.session, self._count = self.session, None, 0
+        if sess is not None:
+            sess.remove_holder(self._owner)
+
+    def lost(self) -> str | None:
+        """Why the current hold was lost, or None (also None when nothing is held)."""
+        if self._forked() or self._count == 0:
+            return self._lost_reason
+        if self._lost_reason is not None:
+            return self._lost_reason
+        sess = self.session
+        if sess is not None and sess.lost:
+            return sess.lost_reason or "session lost"
+        return None
+
+    def mark_lost(self, reason: str) -> None:
+        with self._lock:
+            if self._count == 0:
+                return
+            self._lost_reason = reason
+            callbacks = list(self._callbacks)
+        for cb in callbacks:
+            try:
+                cb(self._owner, reason)
+            except Exception:
+                log.exception("on_lost callback of %r failed", self._owner)
+
+    def on_lost(self, callback: Callable[[Any, str], None]) -> None:
+        with self._lock:
+            self._callbacks.append(callback)
+
+
+def monotonic() -> float:
+    return time.monotonic()

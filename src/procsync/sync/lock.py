@@ -1,0 +1,280 @@
+"""Lock and RLock: counterparts of ``threading.Lock`` / ``threading.RLock`` for
+processes on any machine."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, final
+
+from procsync import _drivers
+from procsync._validate import check_timeout
+from procsync.core import permits
+from procsync.errors import LockLostError, NotHeldError, ServerError
+from procsync.session import _key, _sessions
+from procsync.sync._base import Holder, HoldRecord, Primitive
+
+__all__ = ["Lock", "LockStatistics", "RLock"]
+
+
+@dataclass(frozen=True, slots=True)
+class LockStatistics:
+    """A snapshot of a lock as the server sees it (one round trip)."""
+
+    name: str
+    locked: bool
+    owner: Holder | None
+    waiting: int
+    last_token: int
+    grants: int
+    reclaimed: int
+    """Holds taken back from dead holders since the lock last had a key."""
+
+
+def _check_acquire_args(blocking: object, timeout: object) -> float | None:
+    if not isinstance(blocking, (bool, int)):
+        raise TypeError(f"blocking must be a bool, not {type(blocking).__name__}")
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        if not blocking and timeout != -1:
+            raise ValueError("can't specify a timeout for a non-blocking call")
+        if timeout < 0 and timeout != -1:
+            raise ValueError("timeout value must be a non-negative number")
+    return check_timeout(timeout, negative="forever")
+
+
+class _LockBase(Primitive):
+    __slots__ = ("_hold", "_ref")
+
+    _kind = "lock"
+
+    def __init__(
+        self, name: str | None = None, *, url: str | None = None, namespace: str | None = None
+    ) -> None:
+        super().__init__(name, url, namespace)
+        self._hold = HoldRecord(self)
+        self._ref: permits.PermitsRef | None = None
+
+    @property
+    def ref(self) -> permits.PermitsRef:
+        r = self._ref
+        if r is None:
+            r = self._ref = permits.PermitsRef(self.backend, self._kind, self._name, 1)
+        return r
+
+    def _server_acquire(self, blocking: bool, timeout: float | None) -> bool:
+        ref = self.ref
+        deadline = None if timeout is None else time.monotonic() + timeout
+        token, sess = _drivers.run_with_session(
+            ref.backend, lambda s: permits.acquire(ref, s, bool(blocking), deadline, time.monotonic)
+        )
+        if token is None:
+            return False
+        self._hold.granted(sess, token)
+        return True
+
+    def _server_release(self) -> None:
+        ref = self.ref
+        lost = self._hold.lost()
+        sess = self._hold.session if self._hold.count else _sessions.get(_key(ref.backend))
+        held = self._hold.count > 0
+        if lost is not None:
+            # Best effort: free it now if the server still has it, then say it was lost.
+            with contextlib.suppress(ServerError, NotHeldError, LockLostError):
+                _drivers.run(ref.backend, permits.release(ref, sess, 1, False))
+            self._hold.clear()
+            raise LockLostError(f"{ref.describe()} was lost before release: {lost}")
+        try:
+            _drivers.run(ref.backend, permits.release(ref, sess, 1, held))
+        except LockLostError:
+            self._hold.clear()
+            raise
+        self._hold.clear()
+
+    # -- introspection ------------------------------------------------------------
+
+    @property
+    def token(self) -> int | None:
+        """Fencing token of this process's latest grant: strictly increasing per lock,
+        also across server restarts. Pass it to the resource you protect and let it
+        refuse writes whose token is older than one it has seen."""
+        return self._hold.token
+
+    @property
+    def lost(self) -> bool:
+        """True if this process held the lock and the hold ended without release()."""
+        return self._hold.lost() is not None
+
+    def on_lost(self, callback: Callable[[Any, str], None]) -> None:
+        """Call ``callback(lock, reason)`` (from the heartbeat thread) if a hold is lost."""
+        self._hold.on_lost(callback)
+
+    def _hold_lost(self, reason: str) -> None:
+        self._hold.mark_lost(reason)
+
+    def locked(self) -> bool:
+        """True if some process holds the lock (one round trip)."""
+        st = _drivers.run(self.ref.backend, permits.state(self.ref))
+        return bool(st.value == 0)
+
+    def owner(self) -> Holder | None:
+        """The holding process (session id, host, pid, lease end), or None."""
+        st = _drivers.run(self.ref.backend, permits.state(self.ref))
+        return Holder.from_info(st.holders[0]) if st.holders else None
+
+    def statistics(self) -> LockStatistics:
+        """A snapshot of the lock on the server."""
+        st = _drivers.run(self.ref.backend, permits.state(self.ref))
+        return LockStatistics(
+            name=self._name,
+            locked=st.value == 0,
+            owner=Holder.from_info(st.holders[0]) if st.holders else None,
+            waiting=st.waiting,
+            last_token=st.last_token,
+            grants=st.grants,
+            reclaimed=st.reclaimed,
+        )
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:  # pragma: no cover
+        raise NotImplementedError
+
+    def release(self) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+@final
+class Lock(_LockBase):
+    """Counterpart of ``threading.Lock`` for processes on any machine.
+
+    ``Lock("tickets")`` in any process — parent, child, unrelated program, another
+    host with the same ``PROCSYNC_URL`` — is the same lock. ``Lock()`` makes an
+    anonymous one to hand to children (it pickles as its name and server).
+
+    Waiters are served first come, first served; a release hands the lock straight
+    to the next waiter. Every grant carries a fencing :attr:`token`.
+
+    Differences from threading:
+
+    * Only the holding *process* may release (any of its threads, as threading allows);
+      another process gets :class:`~procsync.errors.NotOwnerError` (a RuntimeError).
+    * Releasing an unheld lock raises :class:`~procsync.errors.NotHeldError`, both the
+      RuntimeError of threading and the ValueError of multiprocessing.
+    * A holder that dies releases it: at once when a waiter on the same host sees its
+      pid gone, else when its session lease (``ttl``) runs out.
+    * A hold can be lost (process paused past its ttl, server down or restarted):
+      :attr:`lost`, :meth:`on_lost`, and release() raises LockLostError.
+    """
+
+    __slots__ = ()
+    _kind = "lock"
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Acquire the lock, blocking or not, with an optional timeout in seconds.
+
+        As ``threading.Lock.acquire``: ``timeout=-1`` waits forever, other negative
+        values and a timeout with ``blocking=False`` raise ValueError. Returns True
+        when acquired.
+        """
+        t = _check_acquire_args(blocking, timeout)
+        return self._server_acquire(bool(blocking), t)
+
+    def release(self) -> None:
+        """Release the lock; the next waiter (if any) holds it when this returns."""
+        self._server_release()
+
+    def __repr__(self) -> str:
+        state = "held here" if self._hold.count else "not held here"
+        tok = f" token={self._hold.token}" if self._hold.count else ""
+        return f"<procsync.Lock {self._name!r} {state}{tok}{self._where()} at {id(self):#x}>"
+
+
+@final
+class RLock(_LockBase):
+    """Counterpart of ``threading.RLock`` for processes on any machine.
+
+    Reentrant for the thread that holds it: it may acquire again, and must release
+    as many times. The depth is counted in this process; the server sees one hold,
+    which a crash frees whatever the depth.
+
+    Differences from threading: as :class:`Lock` (release from another thread of the
+    same process raises :class:`~procsync.errors.NotOwnerError`, as threading's
+    RuntimeError).
+    """
+
+    __slots__ = ("_depth", "_owner_thread")
+    _kind = "rlock"
+
+    def __init__(
+        self, name: str | None = None, *, url: str | None = None, namespace: str | None = None
+    ) -> None:
+        super().__init__(name, url=url, namespace=namespace)
+        self._owner_thread: int | None = None
+        self._depth = 0
+
+    def _mine(self) -> bool:
+        return self._hold.count > 0 and self._owner_thread == threading.get_ident()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Acquire, or re-enter if this thread already holds it (no round trip)."""
+        t = _check_acquire_args(blocking, timeout)
+        if self._mine():
+            self._depth += 1
+            return True
+        if not self._server_acquire(bool(blocking), t):
+            return False
+        self._owner_thread = threading.get_ident()
+        self._depth = 1
+        return True
+
+    def release(self) -> None:
+        """Leave one level; the last one releases the lock on the server."""
+        if not self._mine():
+            if self._hold.count > 0:
+                raise NotHeldError("cannot release un-acquired lock: another thread holds it")
+            raise NotHeldError(f"cannot release un-acquired RLock {self._name!r}")
+        if self._depth > 1:
+            self._depth -= 1
+            return
+        self._depth = 0
+        self._owner_thread = None
+        self._server_release()
+
+    # Used by Condition to release fully and restore the depth.
+    def _release_save(self) -> tuple[int, int | None]:
+        if not self._mine():
+            raise NotHeldError("cannot release un-acquired lock")
+        state = (self._depth, self._owner_thread)
+        self._depth = 0
+        self._owner_thread = None
+        self._server_release()
+        return state
+
+    def _acquire_restore(self, state: tuple[int, int | None]) -> None:
+        self._server_acquire(True, None)
+        self._depth, self._owner_thread = state
+
+    def _is_owned(self) -> bool:
+        return self._mine()
+
+    @property
+    def depth(self) -> int:
+        """How many times the calling thread holds it (0 if it does not)."""
+        return self._depth if self._mine() else 0
+
+    def __repr__(self) -> str:
+        if self._hold.count:
+            state = (
+                f"held here by thread {self._owner_thread} depth={self._depth} "
+                f"token={self._hold.token}"
+            )
+        else:
+            state = "not held here"
+        return f"<procsync.RLock {self._name!r} {state}{self._where()} at {id(self):#x}>"

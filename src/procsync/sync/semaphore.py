@@ -1,0 +1,197 @@
+"""Semaphore and BoundedSemaphore: counterparts of ``threading.Semaphore`` /
+``threading.BoundedSemaphore`` for processes on any machine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from procsync import _drivers
+from procsync._validate import check_permits, check_timeout
+from procsync.core import permits
+from procsync.session import _key, _sessions
+from procsync.sync._base import Holder, HoldRecord, Primitive
+
+__all__ = ["BoundedSemaphore", "Semaphore", "SemaphoreStatistics"]
+
+
+@dataclass(frozen=True, slots=True)
+class SemaphoreStatistics:
+    """A snapshot of a semaphore as the server sees it (one round trip)."""
+
+    name: str
+    value: int
+    initial: int
+    holders: tuple[Holder, ...]
+    waiting: int
+    last_token: int
+    grants: int
+    reclaimed: int
+    """Permits given back by dead holders since the semaphore last had a key."""
+
+
+class Semaphore(Primitive):
+    """Counterpart of ``threading.Semaphore`` for processes on any machine.
+
+    ``Semaphore(3, name="ktv")`` lets three holders in at once, across every process
+    that opens ``"ktv"``. Waiters are served in arrival order; a release hands the
+    permit to the next waiter directly.
+
+    Differences from threading:
+
+    * Permits are owned by the acquiring process: when it dies its permits come back
+      (at once on the same host, within the ttl elsewhere).
+    * ``release()`` by a process that holds no permit adds a free permit, as in
+      threading (so the value can grow above the initial one; BoundedSemaphore forbids it).
+    * Every process opening the same name must give the same initial value;
+      another value raises :class:`~procsync.errors.ConflictError` while the
+      semaphore is in use.
+    """
+
+    __slots__ = ("_hold", "_initial", "_ref")
+
+    _kind = "sem"
+
+    def __init__(
+        self,
+        value: int = 1,
+        *,
+        name: str | None = None,
+        url: str | None = None,
+        namespace: str | None = None,
+    ) -> None:
+        try:
+            self._initial = check_permits(value, "semaphore initial value")
+        except ValueError:
+            if isinstance(value, int) and value < 0:
+                raise ValueError("semaphore initial value must be >= 0") from None
+            raise
+        super().__init__(name, url, namespace)
+        self._hold = HoldRecord(self)
+        self._ref: permits.PermitsRef | None = None
+
+    def _ctor(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self._initial,), {"name": self._name}
+
+    @property
+    def ref(self) -> permits.PermitsRef:
+        r = self._ref
+        if r is None:
+            r = self._ref = permits.PermitsRef(self.backend, self._kind, self._name, self._initial)
+        return r
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take one permit, waiting up to ``timeout`` seconds (None: forever).
+
+        As threading: a timeout with ``blocking=False`` raises ValueError; a negative
+        timeout does not wait. Returns True when a permit was taken.
+        """
+        if not isinstance(blocking, (bool, int)):
+            raise TypeError(f"blocking must be a bool, not {type(blocking).__name__}")
+        if not blocking and timeout is not None:
+            raise ValueError("can't specify timeout for non-blocking acquire")
+        t = check_timeout(timeout, negative="zero")
+        ref = self.ref
+        deadline = None if t is None else time.monotonic() + t
+        token, sess = _drivers.run_with_session(
+            ref.backend, lambda s: permits.acquire(ref, s, bool(blocking), deadline, time.monotonic)
+        )
+        if token is None:
+            return False
+        self._hold.granted(sess, token)
+        return True
+
+    def release(self, n: int = 1) -> None:
+        """Give back ``n`` permits (waking up to ``n`` waiters).
+
+        Permits this process holds are returned first; beyond them a Semaphore adds
+        free permits and a BoundedSemaphore raises ValueError.
+        """
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int, not {type(n).__name__}")
+        if n < 1:
+            raise ValueError("n must be one or more")
+        check_permits(n, "n")
+        ref = self.ref
+        sess = self._hold.session if self._hold.count else _sessions.get(_key(ref.backend))
+        _drivers.run(ref.backend, permits.release(ref, sess, n, False))
+        self._hold.released(n)
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # -- introspection ------------------------------------------------------------
+
+    @property
+    def initial_value(self) -> int:
+        """The value the semaphore was created with."""
+        return self._initial
+
+    @property
+    def value(self) -> int:
+        """Free permits right now (one round trip)."""
+        st = _drivers.run(self.ref.backend, permits.state(self.ref))
+        return int(st.value)
+
+    def get_value(self) -> int:
+        """``multiprocessing.Semaphore.get_value()``: same as :attr:`value`."""
+        return self.value
+
+    def holders(self) -> list[Holder]:
+        """The processes holding permits (at most 32 listed)."""
+        st = _drivers.run(self.ref.backend, permits.state(self.ref))
+        return [Holder.from_info(h) for h in st.holders]
+
+    @property
+    def token(self) -> int | None:
+        """Fencing token of this process's latest permit."""
+        return self._hold.token
+
+    @property
+    def lost(self) -> bool:
+        """True if a permit this process held was lost with its session."""
+        return self._hold.lost() is not None
+
+    def on_lost(self, callback: Callable[[Any, str], None]) -> None:
+        """Call ``callback(semaphore, reason)`` if held permits are lost."""
+        self._hold.on_lost(callback)
+
+    def _hold_lost(self, reason: str) -> None:
+        self._hold.mark_lost(reason)
+
+    def statistics(self) -> SemaphoreStatistics:
+        """A snapshot of the semaphore on the server."""
+        st = _drivers.run(self.ref.backend, permits.state(self.ref))
+        return SemaphoreStatistics(
+            name=self._name,
+            value=st.value,
+            initial=st.initial,
+            holders=tuple(Holder.from_info(h) for h in st.holders),
+            waiting=st.waiting,
+            last_token=st.last_token,
+            grants=st.grants,
+            reclaimed=st.reclaimed,
+        )
+
+    def __repr__(self) -> str:
+        cls = type(self).__name__
+        return (
+            f"<procsync.{cls} {self._name!r} value={self._initial} "
+            f"held here={self._hold.count}{self._where()} at {id(self):#x}>"
+        )
+
+
+class BoundedSemaphore(Semaphore):
+    """Counterpart of ``threading.BoundedSemaphore`` for processes on any machine.
+
+    As :class:`Semaphore`, but a release that would raise the number of permits
+    above the initial value raises :class:`~procsync.errors.OverReleaseError`
+    (a ValueError) and changes nothing.
+    """
+
+    __slots__ = ()
+    _kind = "bsem"
