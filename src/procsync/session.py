@@ -45,7 +45,15 @@ from procsync.backend.client import Backend, get_backend
 from procsync.core.steps import HolderInfo
 from procsync.errors import ServerError, SessionLostError
 
-__all__ = ["HoldOwner", "PidWatcher", "Session", "current_session", "session_for"]
+__all__ = [
+    "HoldOwner",
+    "PidWatcher",
+    "Session",
+    "close_all",
+    "configure",
+    "current_session",
+    "session_for",
+]
 
 log = logging.getLogger("procsync.session")
 
@@ -375,6 +383,26 @@ def session_for(backend: Backend) -> Session:
     )
     _install_session(fresh)
     return fresh
+
+
+def close_all() -> None:
+    """Close every session of this process: holds released, heartbeats stopped.
+
+    Primitives open new sessions on their next use. Test fixtures call this between
+    tests; programs rarely need it (exit closes them)."""
+    with _sessions_lock:
+        sessions = list(_sessions.values())
+    for s in sessions:
+        s.close()
+
+
+def configure(*, ttl: float | None = None, stall_after: float | None = None) -> None:
+    """Defaults for the sessions this process opens from now on (``PROCSYNC_TTL`` is
+    the environment's way to say the same)."""
+    if ttl is not None:
+        _session_defaults["ttl"] = check_ttl(ttl)
+    if stall_after is not None:
+        _session_defaults["stall_after"] = check_ttl(stall_after)
 
 
 def current_session(url: str | None = None, namespace: str | None = None) -> Session:
