@@ -33,7 +33,9 @@ from procsync.errors import (
 )
 from procsync.session import Session, current_session
 from procsync.sync import (
+    Barrier,
     BoundedSemaphore,
+    Condition,
     Event,
     Lock,
     LockStatistics,
@@ -45,8 +47,10 @@ from procsync.sync import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Barrier",
     "BoundedSemaphore",
     "BrokenBarrierError",
+    "Condition",
     "ConflictError",
     "Event",
     "Lock",

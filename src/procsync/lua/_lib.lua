@@ -138,6 +138,25 @@ local function permits_maybe_delete(k)
   return false
 end
 
+--------------------------------------------------------------------------------
+-- Barrier: HASH k: kind="barrier", init=parties, count (arrived this generation),
+-- gen, broken "0"|"1", runner (sid running the action) ; LIST k..":a" arrivals of the
+-- generation filling up; LIST k..":r" arrivals released once the action has run.
+
+-- Break the barrier: every waiter of both lists is woken with "broken".
+local function barrier_break(P, k, why)
+  for _, lst in ipairs({k .. ':a', k .. ':r'}) do
+    for _, w in ipairs(redis.call('LRANGE', lst, 0, -1)) do
+      redis.call('DEL', P .. 'in:' .. w)  -- drop stale peer notices
+      push_grant(P, w, 'broken')
+      redis.call('SREM', P .. 'h:' .. sid_of(w), k)
+    end
+    redis.call('DEL', lst)
+  end
+  redis.call('HSET', k, 'broken', '1', 'count', 0, 'why', why)
+  redis.call('HDEL', k, 'runner')
+end
+
 -- Forward declaration: kind-specific cleanup when a session ends.
 local drop_session_from
 
@@ -189,6 +208,13 @@ drop_session_from = function(P, k, sid, now)
     if redis.call('HGET', k, 'set') ~= '1' and redis.call('LLEN', k .. ':w') == 0 then
       redis.call('DEL', k)
     end
+  elseif kind == 'cond' then
+    unqueue_session(k .. ':w', sid)
+    if redis.call('LLEN', k .. ':w') == 0 then redis.call('DEL', k) end
+  elseif kind == 'barrier' then
+    local involved = queued_in(k .. ':a', sid) or queued_in(k .. ':r', sid)
+      or redis.call('HGET', k, 'runner') == sid
+    if involved then barrier_break(P, k, 'a party died') end
   end
 end
 
@@ -226,4 +252,53 @@ local function holders_info(P, k, limit)
     end
   end
   return out
+end
+
+-- Give back n permits of k held (or, for semaphores, not held) by session sid, then
+-- serve the queue. Returns the reply of permits.lua's release op.
+local function permits_release(P, k, kind, init, sid, n, now)
+  local q = k .. ':q'
+  local is_lock = kind == 'lock' or kind == 'rlock'
+  if redis.call('EXISTS', k) == 1 then permits_reap_dead_holders(P, k, now) end
+  if redis.call('EXISTS', k) == 0 then
+    if is_lock then return {'notheld'} end
+    if kind == 'bsem' then return {'overrelease'} end
+    redis.call('HSET', k, 'kind', kind, 'init', init, 'v', init, 't', 0, 'g', 0, 'r', 0)
+  end
+  local mine = tonumber(redis.call('HGET', k, 'h:' .. sid) or '0')
+  if is_lock and mine == 0 then
+    local others = holders_info(P, k, 32)
+    permits_maybe_delete(k)
+    if #others > 0 then
+      local out = {'notowner'}
+      for _, x in ipairs(others) do out[#out + 1] = x end
+      return out
+    end
+    return {'notheld'}
+  end
+  local from_mine = math.min(mine, n)
+  local extra = n - from_mine
+  if kind == 'bsem' and extra > 0 then
+    local total = tonumber(redis.call('HGET', k, 'v'))
+    for _, f in ipairs(redis.call('HKEYS', k)) do
+      if string.sub(f, 1, 2) == 'h:' then total = total + tonumber(redis.call('HGET', k, f)) end
+    end
+    if total + extra > init then
+      permits_maybe_delete(k)
+      return {'overrelease'}
+    end
+  end
+  if from_mine > 0 then
+    if from_mine == mine then
+      redis.call('HDEL', k, 'h:' .. sid)
+      if not queued_in(q, sid) then redis.call('SREM', P .. 'h:' .. sid, k) end
+    else
+      redis.call('HINCRBY', k, 'h:' .. sid, -from_mine)
+    end
+  end
+  redis.call('HINCRBY', k, 'v', n)
+  local woken = 0
+  for _ in pairs(permits_dispatch(P, k, now)) do woken = woken + 1 end
+  permits_maybe_delete(k)
+  return {'ok', woken}
 end

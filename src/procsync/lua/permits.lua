@@ -109,52 +109,7 @@ if op == 'cancel' then
 end
 
 if op == 'release' then
-  local n = tonumber(ARGV[6])
-  if redis.call('EXISTS', k) == 0 then
-    if kind == 'lock' or kind == 'rlock' then return {'notheld'} end
-    if kind == 'bsem' then return {'overrelease'} end
-    ensure()
-  end
-  permits_reap_dead_holders(P, k, now)
-  ensure()
-  local mine = tonumber(redis.call('HGET', k, 'h:' .. sid) or '0')
-  if kind == 'lock' or kind == 'rlock' then
-    if mine == 0 then
-      local others = holders_info(P, k, 32)
-      permits_maybe_delete(k)
-      if #others > 0 then
-        local out = {'notowner'}
-        for _, x in ipairs(others) do out[#out + 1] = x end
-        return out
-      end
-      return {'notheld'}
-    end
-  end
-  local from_mine = math.min(mine, n)
-  local extra = n - from_mine
-  if kind == 'bsem' and extra > 0 then
-    local total = tonumber(redis.call('HGET', k, 'v'))
-    for _, f in ipairs(redis.call('HKEYS', k)) do
-      if string.sub(f, 1, 2) == 'h:' then total = total + tonumber(redis.call('HGET', k, f)) end
-    end
-    if total + extra > init then
-      permits_maybe_delete(k)
-      return {'overrelease'}
-    end
-  end
-  if from_mine > 0 then
-    if from_mine == mine then
-      redis.call('HDEL', k, 'h:' .. sid)
-      if not queued_in(q, sid) then redis.call('SREM', P .. 'h:' .. sid, k) end
-    else
-      redis.call('HINCRBY', k, 'h:' .. sid, -from_mine)
-    end
-  end
-  redis.call('HINCRBY', k, 'v', n)
-  local woken = 0
-  for _ in pairs(permits_dispatch(P, k, now)) do woken = woken + 1 end
-  permits_maybe_delete(k)
-  return {'ok', woken}
+  return permits_release(P, k, kind, init, sid, tonumber(ARGV[6]), now)
 end
 
 return redis.error_reply('procsync: unknown permits op ' .. tostring(op))

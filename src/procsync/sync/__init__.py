@@ -1,11 +1,15 @@
 """The blocking (threading-style) front of procsync's primitives."""
 
+from procsync.sync.barrier import Barrier
+from procsync.sync.condition import Condition
 from procsync.sync.event import Event
 from procsync.sync.lock import Lock, LockStatistics, RLock
 from procsync.sync.semaphore import BoundedSemaphore, Semaphore, SemaphoreStatistics
 
 __all__ = [
+    "Barrier",
     "BoundedSemaphore",
+    "Condition",
     "Event",
     "Lock",
     "LockStatistics",

@@ -1,0 +1,164 @@
+"""Core logic of Barrier (script ``barrier.lua``).
+
+The last party to arrive either releases everyone (no action) or is told to run
+the action and then report ``done`` (or ``abort`` if it raised). Waiters pop their
+inbox for ``go`` / ``broken``; ``peer:`` notices name the party that arrived right
+after them, so each waiter watches its neighbours and a party dying on the same
+host breaks the barrier at once (elsewhere: when its lease ends). As in threading,
+a timeout or an interrupted wait breaks the barrier for everyone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from procsync.backend.client import MAX_POP_SECONDS, Backend
+from procsync.core.steps import (
+    Call,
+    HolderInfo,
+    Op,
+    Pop,
+    SessionGone,
+    SessionView,
+    check_common,
+    parse_holders,
+)
+from procsync.errors import BrokenBarrierError, ProtocolError
+
+__all__ = ["BarrierRef", "BarrierState", "abort", "done", "reset", "state", "wait"]
+
+
+@dataclass(frozen=True, slots=True)
+class BarrierRef:
+    """Where a Barrier lives and how many parties it needs."""
+
+    backend: Backend
+    name: str
+    parties: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.backend.prefix}barrier:{self.name}"
+
+    def describe(self) -> str:
+        return f"Barrier {self.name!r}"
+
+    def call(self, op: str, sid: str, wid: str = "", has_action: int = 0) -> Call:
+        b = self.backend
+        return Call(
+            "barrier",
+            (self.key, self.key + ":a", self.key + ":r", b.sessions_key),
+            (b.prefix, op, sid, wid, self.parties, has_action),
+        )
+
+
+def _broken(ref: BarrierRef, why: Any) -> BrokenBarrierError:
+    reason = str(why) if why else "broken"
+    return BrokenBarrierError(f"{ref.describe()} is broken: {reason}")
+
+
+def _unexpected(ref: BarrierRef, reply: list[Any]) -> Exception:
+    check_common(reply, ref.describe)
+    return ProtocolError(f"{ref.describe()}: unexpected reply {reply!r:.200}")
+
+
+def _peer(notice: str) -> HolderInfo | None:
+    try:
+        sid, boot, pid, start, host = notice[5:].split("|", 4)
+        return HolderInfo(sid, 0, boot, int(pid), int(start), host, 1)
+    except ValueError:
+        return None
+
+
+def wait(
+    ref: BarrierRef, sess: SessionView, has_action: bool, deadline: float | None, now: Any
+) -> Op:
+    """Arrive. Returns ``("go", index)`` once released, or ``("run", index)`` when the
+    caller is the last party and must run the action then call :func:`done`.
+
+    Raises BrokenBarrierError if the barrier is or becomes broken, and breaks it
+    itself on timeout or interruption.
+    """
+    wid = sess.new_waiter_id()
+    reply = yield ref.call("wait", sess.id, wid, 1 if has_action else 0)
+    status = reply[0]
+    if status == "nosession":
+        raise SessionGone()
+    if status == "broken":
+        raise _broken(ref, reply[1])
+    if status in ("go", "run"):
+        return (status, int(reply[1]))
+    if status != "wait":
+        raise _unexpected(ref, reply)
+    index = int(reply[1])
+    inbox = f"{ref.backend.prefix}in:{wid}"
+    try:
+        sess.watch_holders(parse_holders(reply[2:]), inbox)
+        while True:
+            left = None if deadline is None else deadline - now()
+            if left is not None and left <= 0:
+                reply = yield ref.call("timeout", sess.id, wid)
+                if reply[0] == "go":
+                    return ("go", index)
+                raise _broken(ref, reply[1] if len(reply) > 1 else "a wait timed out")
+            got = yield Pop(inbox, MAX_POP_SECONDS if left is None else min(left, MAX_POP_SECONDS))
+            if got is None:
+                continue
+            if got == "go":
+                return ("go", index)
+            if got == "broken":
+                st = yield from state(ref)
+                raise _broken(ref, st.why)
+            if got.startswith("peer:"):
+                peer = _peer(got)
+                if peer is not None:
+                    sess.watch_holders([peer], inbox)
+    except BrokenBarrierError:
+        raise
+    except BaseException:
+        yield ref.call("abort", sess.id, "a waiting party was interrupted")
+        raise
+
+
+def done(ref: BarrierRef, sess: SessionView) -> Op:
+    """The action ran: release the generation."""
+    reply = yield ref.call("done", sess.id)
+    if reply[0] == "broken":
+        raise _broken(ref, reply[1])
+    if reply[0] != "ok":
+        raise _unexpected(ref, reply)
+    return None
+
+
+def abort(ref: BarrierRef, sid: str, why: str = "aborted") -> Op:
+    """Break the barrier: every waiter, now and later, gets BrokenBarrierError."""
+    reply = yield ref.call("abort", sid, why)
+    if reply[0] != "ok":
+        raise _unexpected(ref, reply)
+    return None
+
+
+def reset(ref: BarrierRef) -> Op:
+    """Return to the empty state; current waiters get BrokenBarrierError."""
+    reply = yield ref.call("reset", "-")
+    if reply[0] != "ok":
+        raise _unexpected(ref, reply)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class BarrierState:
+    """Parties waiting in the current generation, and whether the barrier is broken."""
+
+    n_waiting: int
+    broken: bool
+    why: str
+
+
+def state(ref: BarrierRef) -> Op:
+    """Read the barrier's state."""
+    reply = yield ref.call("state", "-")
+    if reply[0] != "ok":
+        raise _unexpected(ref, reply)
+    return BarrierState(int(reply[1]), int(reply[2]) == 1, str(reply[3]))

@@ -1,0 +1,97 @@
+"""Core logic of Condition (script ``cond.lua``).
+
+``wait`` joins the waiter list and releases the condition's lock in one script (no
+notify can fall between them), pops its inbox until notified or timed out, and
+leaves the list; re-acquiring the lock is the caller's next operation
+(:func:`procsync.core.permits.acquire`), done even when the wait is interrupted,
+as threading and asyncio do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from procsync.backend.client import MAX_POP_SECONDS
+from procsync.core.permits import PermitsRef
+from procsync.core.steps import Call, Op, Pop, SessionGone, SessionView, check_common
+from procsync.errors import NotHeldError, ProtocolError
+
+__all__ = ["CondRef", "notify", "wait", "waiters"]
+
+
+@dataclass(frozen=True, slots=True)
+class CondRef:
+    """Where a Condition lives, and its lock."""
+
+    name: str
+    lock: PermitsRef
+
+    @property
+    def key(self) -> str:
+        return f"{self.lock.backend.prefix}cond:{self.name}"
+
+    def describe(self) -> str:
+        return f"Condition {self.name!r}"
+
+    def call(self, op: str, sid: str, arg: str | int) -> Call:
+        b = self.lock.backend
+        lk = self.lock.key
+        return Call(
+            "cond",
+            (self.key, self.key + ":w", lk, lk + ":q", b.sessions_key, b.fence_key),
+            (b.prefix, op, sid, arg, self.lock.kind),
+        )
+
+
+def _unexpected(ref: CondRef, reply: list[Any]) -> Exception:
+    check_common(reply, ref.describe)
+    return ProtocolError(f"{ref.describe()}: unexpected reply {reply!r:.200}")
+
+
+def wait(ref: CondRef, sess: SessionView, deadline: float | None, now: Any) -> Op:
+    """Release the lock and wait for a notify; True if notified, False on timeout.
+
+    The lock is *not* re-acquired here (see the module docstring).
+    """
+    wid = sess.new_waiter_id()
+    reply = yield ref.call("wait", sess.id, wid)
+    status = reply[0]
+    if status == "nosession":
+        raise SessionGone()
+    if status == "notheld":
+        raise NotHeldError(f"cannot wait on un-acquired lock of {ref.describe()}")
+    if status != "waiting":
+        raise _unexpected(ref, reply)
+    inbox = f"{ref.lock.backend.prefix}in:{wid}"
+    try:
+        while True:
+            left = None if deadline is None else deadline - now()
+            if left is not None and left <= 0:
+                break
+            got = yield Pop(inbox, MAX_POP_SECONDS if left is None else min(left, MAX_POP_SECONDS))
+            if got is not None:
+                return True
+    except BaseException:
+        yield ref.call("cancel", sess.id, wid)
+        raise
+    reply = yield ref.call("cancel", sess.id, wid)
+    return reply[0] == "notified"
+
+
+def notify(ref: CondRef, sess: SessionView | None, n: int) -> Op:
+    """Wake up to ``n`` live waiters (``n < 0``: all). Returns how many were woken."""
+    reply = yield ref.call("notify", sess.id if sess is not None else "-", n)
+    if reply[0] == "notheld":
+        raise NotHeldError(f"cannot notify on un-acquired lock of {ref.describe()}")
+    if reply[0] != "ok":
+        raise _unexpected(ref, reply)
+    return int(reply[1])
+
+
+def waiters(ref: CondRef) -> Op:
+    """How many live processes wait on the condition."""
+    reply = yield ref.call("waiters", "-", "-")
+    if reply[0] != "ok":
+        raise _unexpected(ref, reply)
+    return int(reply[1])

@@ -1,0 +1,163 @@
+--[[ barrier.lua: Barrier.
+
+KEYS[1]  k          HASH  kind="barrier", init=parties, count, broken, runner, why
+KEYS[2]  k..":a"    LIST  waiter ids of the generation filling up
+KEYS[3]  k..":r"    LIST  waiter ids of the generation whose action is running
+KEYS[4]  P.."sessions"
+ARGV[1]  P
+ARGV[2]  op         wait | done | abort | timeout | reset | state
+ARGV[3]  sid
+ARGV[4]  wid (wait, timeout)
+ARGV[5]  parties
+ARGV[6]  has_action 1 | 0 (wait)
+
+Replies:
+  wait:    {'wait', index, peers...} | {'go', index} (last, no action: all released)
+           | {'run', index} (last: run the action, then 'done' or 'abort')
+           | {'broken', why} | {'nosession'}
+  done:    {'ok'} | {'broken', why}
+  abort:   {'ok'}
+  timeout: {'go'} | {'broken', why}   (a wait timed out: the barrier breaks, as threading's)
+  reset:   {'ok'}
+  state:   {'ok', count, broken 0|1, why}
+  any op:  {'wrongtype', type} | {'conflict', kind, parties}
+peers... are (sid, deadline, boot, pid, start, host, 1) of the earlier arrivals, so the
+newcomer can watch those on its host; the newcomer pushes "peer:<sid>" onto the inbox of
+the arrival just before it, which then watches it in turn. Every waiter thus watches its
+neighbours, and a party dying on the same host breaks the barrier at once.
+
+Inbox values: "go" (released), "broken", "peer:<sid>|<boot>|<pid>|<start>|<host>".
+States: filling (count < parties) -> running (action) -> filling of the next generation;
+any -> broken (timeout, abort, action raised, a party died) -> filling (reset).
+A barrier with nobody waiting and not broken has no key.
+]]
+
+local k, a, r = KEYS[1], KEYS[2], KEYS[3]
+local P, op, sid = ARGV[1], ARGV[2], ARGV[3]
+local parties = tonumber(ARGV[5])
+local now = now_ms()
+
+local bad = check_kind(k, 'barrier', parties)
+if bad then return bad end
+
+local function maybe_delete()
+  if redis.call('HGET', k, 'broken') ~= '1' and tonumber(redis.call('HGET', k, 'count') or '0') == 0
+     and redis.call('LLEN', a) == 0 and redis.call('LLEN', r) == 0
+     and not redis.call('HGET', k, 'runner') then
+    redis.call('DEL', k)
+  end
+end
+
+local function release_all(lst)
+  for _, w in ipairs(redis.call('LRANGE', lst, 0, -1)) do
+    redis.call('DEL', P .. 'in:' .. w)  -- drop stale peer notices
+    push_grant(P, w, 'go')
+    local wsid = sid_of(w)
+    if not queued_in(a, wsid) then redis.call('SREM', P .. 'h:' .. wsid, k) end
+  end
+  redis.call('DEL', lst)
+end
+
+if op == 'state' then
+  local s = redis.call('HMGET', k, 'count', 'broken', 'why')
+  return {'ok', tonumber(s[1] or '0'), s[2] == '1' and 1 or 0, s[3] or ''}
+end
+
+if op == 'wait' then
+  if not alive(P, sid, now) then return {'nosession'} end
+  if redis.call('EXISTS', k) == 0 then
+    redis.call('HSET', k, 'kind', 'barrier', 'init', parties, 'count', 0, 'broken', '0')
+  end
+  if redis.call('HGET', k, 'broken') == '1' then
+    return {'broken', redis.call('HGET', k, 'why') or ''}
+  end
+  local index = tonumber(redis.call('HGET', k, 'count'))
+  if index + 1 >= parties then
+    redis.call('HSET', k, 'count', 0)
+    if ARGV[6] == '1' then
+      -- The arrivals wait in :r while the last party runs the action.
+      if redis.call('LLEN', a) > 0 then
+        for _, w in ipairs(redis.call('LRANGE', a, 0, -1)) do redis.call('RPUSH', r, w) end
+        redis.call('DEL', a)
+      end
+      redis.call('HSET', k, 'runner', sid)
+      redis.call('SADD', P .. 'h:' .. sid, k)
+      return {'run', index}
+    end
+    release_all(a)
+    maybe_delete()
+    return {'go', index}
+  end
+  local prev = redis.call('LINDEX', a, -1)
+  local peers = {}
+  for _, w in ipairs(redis.call('LRANGE', a, 0, -1)) do
+    local wsid = sid_of(w)
+    local d = redis.call('ZSCORE', P .. 'sessions', wsid) or '0'
+    local id = redis.call('HMGET', P .. 's:' .. wsid, 'boot', 'pid', 'start', 'host')
+    for _, x in ipairs({wsid, tostring(d), id[1] or '', id[2] or '0', id[3] or '0', id[4] or '', 1}) do
+      peers[#peers + 1] = x
+    end
+  end
+  redis.call('RPUSH', a, ARGV[4])
+  redis.call('HSET', k, 'count', index + 1)
+  redis.call('SADD', P .. 'h:' .. sid, k)
+  if prev then
+    local me = redis.call('HMGET', P .. 's:' .. sid, 'boot', 'pid', 'start', 'host')
+    push_grant(P, prev, 'peer:' .. sid .. '|' .. (me[1] or '') .. '|' .. (me[2] or '0') .. '|'
+               .. (me[3] or '0') .. '|' .. (me[4] or ''))
+  end
+  local out = {'wait', index}
+  for _, x in ipairs(peers) do out[#out + 1] = x end
+  return out
+end
+
+if op == 'done' then
+  if redis.call('HGET', k, 'broken') == '1' then
+    return {'broken', redis.call('HGET', k, 'why') or ''}
+  end
+  redis.call('HDEL', k, 'runner')
+  release_all(r)
+  if not queued_in(a, sid) then redis.call('SREM', P .. 'h:' .. sid, k) end
+  maybe_delete()
+  return {'ok'}
+end
+
+if op == 'abort' then
+  if redis.call('EXISTS', k) == 0 then
+    redis.call('HSET', k, 'kind', 'barrier', 'init', parties, 'count', 0)
+  end
+  barrier_break(P, k, ARGV[4] ~= '' and ARGV[4] or 'aborted')
+  redis.call('SREM', P .. 'h:' .. sid, k)
+  return {'ok'}
+end
+
+if op == 'timeout' then
+  local wid = ARGV[4]
+  local inbox = P .. 'in:' .. wid
+  -- A release or break that arrived first wins; "peer" notices are stale now.
+  for _, v in ipairs(redis.call('LRANGE', inbox, 0, -1)) do
+    if v == 'go' or v == 'broken' then
+      redis.call('DEL', inbox)
+      if v == 'go' then return {'go'} end
+      return {'broken', redis.call('HGET', k, 'why') or ''}
+    end
+  end
+  redis.call('DEL', inbox)
+  if redis.call('EXISTS', k) == 0 then
+    redis.call('HSET', k, 'kind', 'barrier', 'init', parties, 'count', 0)
+  end
+  if redis.call('HGET', k, 'broken') ~= '1' then barrier_break(P, k, 'a wait timed out') end
+  redis.call('SREM', P .. 'h:' .. sid, k)
+  return {'broken', redis.call('HGET', k, 'why') or ''}
+end
+
+if op == 'reset' then
+  if redis.call('EXISTS', k) == 0 then return {'ok'} end
+  barrier_break(P, k, 'reset')
+  redis.call('HSET', k, 'broken', '0', 'count', 0)
+  redis.call('HDEL', k, 'why')
+  maybe_delete()
+  return {'ok'}
+end
+
+return redis.error_reply('procsync: unknown barrier op ' .. tostring(op))

@@ -1,0 +1,87 @@
+--[[ cond.lua: Condition.
+
+KEYS[1]  k          HASH  kind="cond" (exists while someone waits)
+KEYS[2]  k..":w"    LIST  waiter ids, FIFO
+KEYS[3]  lk         HASH  state of the condition's lock (see permits.lua)
+KEYS[4]  lk..":q"   LIST  the lock's queue
+KEYS[5]  P.."sessions"
+KEYS[6]  P.."fence"
+ARGV[1]  P
+ARGV[2]  op         wait | cancel | notify | waiters
+ARGV[3]  sid
+ARGV[4]  wid (wait, cancel) | n (notify: how many, -1 = all)
+ARGV[5]  lock kind  lock | rlock
+
+Replies:
+  wait:    {'waiting'} | {'notheld'} | {'nosession'}
+  cancel:  {'notified'} (a notify arrived first) | {'cancelled'}
+  notify:  {'ok', woken} | {'notheld'}
+  waiters: {'ok', n}
+  any op:  {'wrongtype', type} | {'conflict', kind, init}
+
+`wait` joins the waiters and releases the lock in one script, so no notify can fall
+between the two (no lost wake-up). `notify(n)` wakes the first n *live* waiters; a
+waiter whose session died is skipped and the notification passes to the next one.
+]]
+
+local k, w, lk = KEYS[1], KEYS[2], KEYS[3]
+local P, op, sid, lkind = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
+local now = now_ms()
+
+local bad = check_kind(k, 'cond', nil) or check_kind(lk, lkind, 1)
+if bad then return bad end
+
+local function lock_held()
+  return tonumber(redis.call('HGET', lk, 'h:' .. sid) or '0') > 0
+end
+
+if op == 'waiters' then
+  local n = 0
+  for _, x in ipairs(redis.call('LRANGE', w, 0, -1)) do
+    if alive(P, sid_of(x), now) then n = n + 1 end
+  end
+  return {'ok', n}
+end
+
+if op == 'wait' then
+  if not alive(P, sid, now) then return {'nosession'} end
+  if not lock_held() then return {'notheld'} end
+  redis.call('HSET', k, 'kind', 'cond')
+  redis.call('RPUSH', w, ARGV[4])
+  redis.call('SADD', P .. 'h:' .. sid, k)
+  local r = permits_release(P, lk, lkind, 1, sid, 1, now)
+  if r[1] ~= 'ok' then return {'notheld'} end
+  return {'waiting'}
+end
+
+if op == 'cancel' then
+  local wid = ARGV[4]
+  redis.call('LREM', w, 0, wid)
+  local inbox = P .. 'in:' .. wid
+  local got = redis.call('LPOP', inbox)
+  redis.call('DEL', inbox)
+  if not queued_in(w, sid) then redis.call('SREM', P .. 'h:' .. sid, k) end
+  if redis.call('LLEN', w) == 0 then redis.call('DEL', k) end
+  if got then return {'notified'} end
+  return {'cancelled'}
+end
+
+if op == 'notify' then
+  if not lock_held() then return {'notheld'} end
+  local n = tonumber(ARGV[4])
+  local woken = 0
+  while n < 0 or woken < n do
+    local x = redis.call('LPOP', w)
+    if not x then break end
+    local xsid = sid_of(x)
+    if alive(P, xsid, now) then
+      push_grant(P, x, 'n')
+      woken = woken + 1
+    end
+    if not queued_in(w, xsid) then redis.call('SREM', P .. 'h:' .. xsid, k) end
+  end
+  if redis.call('LLEN', w) == 0 then redis.call('DEL', k) end
+  return {'ok', woken}
+end
+
+return redis.error_reply('procsync: unknown cond op ' .. tostring(op))
