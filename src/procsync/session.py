@@ -42,7 +42,7 @@ from procsync import _config
 from procsync._identity import Identity, current_identity, pid_alive
 from procsync._validate import check_name, check_ttl
 from procsync.backend.client import Backend, get_backend
-from procsync.core.steps import HolderInfo
+from procsync.core.steps import HolderInfo, reap
 from procsync.errors import ServerError, SessionLostError
 
 __all__ = [
@@ -301,17 +301,18 @@ class Session:
         with self._lock:
             self._holders.discard(owner)
 
-    def watch_holders(self, holders: list[HolderInfo], inbox: str) -> bool:
-        """Watch same-host holders; reap those already dead. True if one was reaped."""
-        reaped = False
+    def watch_holders(self, holders: list[HolderInfo], inbox: str) -> list[HolderInfo]:
+        """Watch the same-host holders among ``holders``; return those already dead
+        (the caller reaps them on the server and looks again)."""
+        dead = []
         for h in holders:
             if h.boot_id != self.identity.boot_id or h.sid == self.id:
                 continue
             if not pid_alive(h.pid, h.start_ticks):
-                reaped |= reap_dead(self.backend, h)
+                dead.append(h)
             else:
                 _watcher().watch(h.pid, h.start_ticks, (self.backend, h))
-        return reaped
+        return dead
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("lost" if self._lost_reason else "alive")
@@ -322,16 +323,14 @@ class Session:
 
 
 def reap_dead(backend: Backend, h: HolderInfo) -> bool:
-    """Tell the server that the session ``h.sid`` of a process seen dead is over.
-
-    The script checks the identity, so a session that reused the pid is not touched.
-    """
-    reply = backend.call(
-        "session",
-        [backend.sessions_key, backend.gone_key],
-        [backend.prefix, "reap", h.sid, h.boot_id, h.pid, h.start_ticks],
-    )
-    return len(reply) > 1 and str(reply[1]) == "1"
+    """Run :func:`procsync.core.steps.reap` for one holder seen dead (blocking)."""
+    op = reap(backend.prefix, backend.sessions_key, backend.gone_key, [h])
+    step = next(op)
+    try:
+        op.send(backend.call(step.script, step.keys, step.args))  # type: ignore[union-attr]
+    except StopIteration as stop:
+        return bool(stop.value)
+    return False  # pragma: no cover - one step only
 
 
 def _default_name() -> str:

@@ -23,6 +23,7 @@ from procsync.core.steps import (
     SessionView,
     check_common,
     parse_holders,
+    reap,
 )
 from procsync.errors import BrokenBarrierError, ProtocolError
 
@@ -94,7 +95,10 @@ def wait(
     index = int(reply[1])
     inbox = f"{ref.backend.prefix}in:{wid}"
     try:
-        sess.watch_holders(parse_holders(reply[2:]), inbox)
+        b = ref.backend
+        dead = sess.watch_holders(parse_holders(reply[2:]), inbox)
+        if dead:
+            yield from reap(b.prefix, b.sessions_key, b.gone_key, dead)
         while True:
             left = None if deadline is None else deadline - now()
             if left is not None and left <= 0:
@@ -113,7 +117,9 @@ def wait(
             if got.startswith("peer:"):
                 peer = _peer(got)
                 if peer is not None:
-                    sess.watch_holders([peer], inbox)
+                    dead = sess.watch_holders([peer], inbox)
+                    if dead:
+                        yield from reap(b.prefix, b.sessions_key, b.gone_key, dead)
     except BrokenBarrierError:
         raise
     except BaseException:

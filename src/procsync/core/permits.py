@@ -31,6 +31,7 @@ from procsync.core.steps import (
     SessionView,
     check_common,
     parse_holders,
+    reap,
 )
 from procsync.errors import (
     LockLostError,
@@ -115,7 +116,10 @@ def acquire(
                 raise ProtocolError(f"{ref.describe()}: unexpected reply {reply!r:.200}")
             queued = True
             holders = parse_holders(reply[1:])
-            if sess.watch_holders(holders, inbox):
+            dead = sess.watch_holders(holders, inbox)
+            if dead:
+                b = ref.backend
+                yield from reap(b.prefix, b.sessions_key, b.gone_key, dead)
                 reply = yield ref.call("acquire", sess.id, wid, 1)
                 continue
             left = None if deadline is None else deadline - now()

@@ -18,6 +18,7 @@ __all__ = [
     "Step",
     "check_common",
     "parse_holders",
+    "reap",
 ]
 
 ScriptArg: TypeAlias = "str | int | float"
@@ -75,12 +76,25 @@ class SessionView(Protocol):
 
     def new_waiter_id(self) -> str: ...
 
-    def watch_holders(self, holders: list[HolderInfo], inbox: str) -> bool:
-        """Ask to be woken (a push onto ``inbox``) when a same-host holder dies.
-
-        Returns True when some holder is already known dead and was reaped, so the
-        caller should look again at once."""
+    def watch_holders(self, holders: list[HolderInfo], inbox: str) -> list[HolderInfo]:
+        """Have same-host holders watched: when one dies its session is reaped, which
+        serves the waiters. Returns the holders already dead, for the caller to reap
+        (:func:`reap`) before looking again."""
         ...
+
+
+def reap(prefix: str, sessions_key: str, gone_key: str, dead: list[HolderInfo]) -> Op:
+    """End the sessions of processes seen dead on this host; returns how many were
+    ended (the script checks each identity, so a reused pid is never touched)."""
+    n = 0
+    for h in dead:
+        reply = yield Call(
+            "session",
+            (sessions_key, gone_key),
+            (prefix, "reap", h.sid, h.boot_id, h.pid, h.start_ticks),
+        )
+        n += 1 if len(reply) > 1 and str(reply[1]) == "1" else 0
+    return n
 
 
 def parse_holders(flat: list[Any]) -> list[HolderInfo]:

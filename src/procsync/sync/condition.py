@@ -4,23 +4,99 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar, final
+from typing import Any, TypeVar, cast, final
 
 from procsync import _drivers
 from procsync._validate import check_permits, check_timeout
 from procsync.core import condition as core
+from procsync.core.steps import Op
 from procsync.errors import NotHeldError
-from procsync.session import _key, _sessions
+from procsync.session import Session, _key, _sessions
 from procsync.sync._base import Primitive
-from procsync.sync.lock import Lock, RLock
+from procsync.sync.lock import Lock, LockCommon, RLock
 
-__all__ = ["Condition"]
+__all__ = ["Condition", "ConditionCommon"]
 
 T = TypeVar("T")
 
 
+class ConditionCommon(Primitive):
+    """What the sync and asyncio conditions share: the lock, and the wait/notify
+    operations both fronts drive."""
+
+    __slots__ = ("_lock", "_ref")
+
+    def __init__(
+        self,
+        lock: LockCommon | None,
+        default_lock: Callable[[str], LockCommon],
+        name: str | None,
+        url: str | None,
+        namespace: str | None,
+    ) -> None:
+        super().__init__(name, url, namespace)
+        self._lock = lock if lock is not None else default_lock(f"{self._name}:lock")
+        self._ref: core.CondRef | None = None
+
+    def _ctor(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self._lock,), {"name": self._name}
+
+    @property
+    def ref(self) -> core.CondRef:
+        r = self._ref
+        if r is None:
+            r = self._ref = core.CondRef(self._name, self._lock.ref)
+        return r
+
+    def _is_owned(self) -> bool:
+        lock = self._lock
+        if isinstance(lock, RLock):
+            return lock._is_owned()
+        return lock._hold.count > 0
+
+    def _wait_op(self, timeout: object) -> Callable[[Session], Op]:
+        """Release the lock and wait (atomically), then re-acquire it — also when
+        interrupted — restoring an RLock's depth. Result: notified (bool)."""
+        if not self._is_owned():
+            raise NotHeldError("cannot wait on un-acquired lock")
+        t = check_timeout(timeout, negative="zero")
+        ref = self.ref
+        lock = self._lock
+        deadline = None if t is None else time.monotonic() + t
+
+        def op(sess: Session) -> Op:
+            saved = (lock._depth, lock._owner_thread) if isinstance(lock, RLock) else None
+            # The script releases the server-side hold; forget it locally first.
+            lock._hold.clear()
+            if isinstance(lock, RLock):
+                lock._depth, lock._owner_thread = 0, None
+            try:
+                notified = yield from core.wait(ref, sess, deadline, time.monotonic)
+            finally:
+                yield from lock._acquire_op(True, None)(sess)
+                if isinstance(lock, RLock) and saved is not None:
+                    lock._depth, lock._owner_thread = saved
+            return notified
+
+        return op
+
+    def _notify_op(self, n: int) -> Op:
+        if not self._is_owned():
+            raise NotHeldError("cannot notify on un-acquired lock")
+        ref = self.ref
+        return core.notify(ref, _sessions.get(_key(ref.lock.backend)), n)
+
+    def __repr__(self) -> str:
+        front = (
+            "procsync.asyncio"
+            if type(self).__module__.startswith("procsync.asyncio")
+            else "procsync"
+        )
+        return f"<{front}.Condition {self._name!r} lock={self._lock!r}>"
+
+
 @final
-class Condition(Primitive):
+class Condition(ConditionCommon):
     """Counterpart of ``threading.Condition`` for processes on any machine.
 
     ``Condition(lock=None, *, name=None)``: with no lock, a named condition uses the
@@ -35,10 +111,10 @@ class Condition(Primitive):
     Differences from threading: the lock must be a procsync :class:`Lock` or
     :class:`RLock` (a threading lock means nothing to another process); calling
     wait/notify without holding it raises :class:`~procsync.errors.NotHeldError`,
-    a RuntimeError as in threading.
+    a RuntimeError as in threading. ``notify`` returns how many it woke.
     """
 
-    __slots__ = ("_lock", "_ref")
+    __slots__ = ()
 
     def __init__(
         self,
@@ -56,70 +132,34 @@ class Condition(Primitive):
         if lock is not None:
             url = url if url is not None else lock._url
             namespace = namespace if namespace is not None else lock._namespace
-        super().__init__(name, url, namespace)
-        self._lock: Lock | RLock = (
-            lock if lock is not None else RLock(f"{self._name}:lock", url=url, namespace=namespace)
+        super().__init__(
+            lock, lambda n: RLock(n, url=url, namespace=namespace), name, url, namespace
         )
-        self._ref: core.CondRef | None = None
-
-    def _ctor(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return (self._lock,), {"name": self._name}
 
     @property
-    def ref(self) -> core.CondRef:
-        r = self._ref
-        if r is None:
-            r = self._ref = core.CondRef(self._name, self._lock.ref)
-        return r
-
-    # -- the lock -------------------------------------------------------------------
+    def _sync_lock(self) -> Lock | RLock:
+        return cast("Lock | RLock", self._lock)
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Acquire the underlying lock."""
-        return self._lock.acquire(blocking, timeout)
+        return self._sync_lock.acquire(blocking, timeout)
 
     def release(self) -> None:
         """Release the underlying lock."""
-        self._lock.release()
+        self._sync_lock.release()
 
     def __enter__(self) -> bool:
-        return self._lock.__enter__()
+        return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
-        self._lock.__exit__(*exc)
-
-    def _is_owned(self) -> bool:
-        lock = self._lock
-        if isinstance(lock, RLock):
-            return lock._is_owned()
-        return lock._hold.count > 0
-
-    # -- waiting --------------------------------------------------------------------
+        self.release()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Release the lock, wait for a notify or ``timeout`` seconds, re-acquire.
 
         Returns False if the timeout expired, True otherwise (as threading).
         """
-        if not self._is_owned():
-            raise NotHeldError("cannot wait on un-acquired lock")
-        t = check_timeout(timeout, negative="zero")
-        ref = self.ref
-        lock = self._lock
-        deadline = None if t is None else time.monotonic() + t
-        saved = (lock._depth, lock._owner_thread) if isinstance(lock, RLock) else None
-        # The script releases the server-side hold; forget it locally first.
-        lock._hold.clear()
-        if isinstance(lock, RLock):
-            lock._depth, lock._owner_thread = 0, None
-        try:
-            notified, _ = _drivers.run_with_session(
-                ref.lock.backend, lambda s: core.wait(ref, s, deadline, time.monotonic)
-            )
-        finally:
-            lock._server_acquire(True, None)
-            if isinstance(lock, RLock) and saved is not None:
-                lock._depth, lock._owner_thread = saved
+        notified, _ = _drivers.run_with_session(self.ref.lock.backend, self._wait_op(timeout))
         return bool(notified)
 
     def wait_for(self, predicate: Callable[[], T], timeout: float | None = None) -> T:
@@ -141,28 +181,16 @@ class Condition(Primitive):
         return result
 
     def notify(self, n: int = 1) -> int:
-        """Wake up to ``n`` waiting processes (first come, first woken). Returns how
-        many were woken (threading returns None; the count is extra)."""
-        if not self._is_owned():
-            raise NotHeldError("cannot notify on un-acquired lock")
-        n = check_permits(n, "n")
-        ref = self.ref
-        sess = _sessions.get(_key(ref.lock.backend))
-        return int(_drivers.run(ref.lock.backend, core.notify(ref, sess, n)))
+        """Wake up to ``n`` waiting processes (first come, first woken)."""
+        op = self._notify_op(check_permits(n, "n"))
+        return int(_drivers.run(self.ref.lock.backend, op))
 
     def notify_all(self) -> int:
         """Wake every waiting process."""
-        if not self._is_owned():
-            raise NotHeldError("cannot notify on un-acquired lock")
-        ref = self.ref
-        sess = _sessions.get(_key(ref.lock.backend))
-        return int(_drivers.run(ref.lock.backend, core.notify(ref, sess, -1)))
+        return int(_drivers.run(self.ref.lock.backend, self._notify_op(-1)))
 
-    notifyAll = notify_all
+    notifyAll = notify_all  # threading's old alias
 
     def waiters(self) -> int:
         """How many live processes wait right now (one round trip)."""
         return int(_drivers.run(self.ref.lock.backend, core.waiters(self.ref)))
-
-    def __repr__(self) -> str:
-        return f"<procsync.Condition {self._name!r} lock={self._lock!r}>"

@@ -13,11 +13,12 @@ from typing import Any, final
 from procsync import _drivers
 from procsync._validate import check_timeout
 from procsync.core import permits
+from procsync.core.steps import Op
 from procsync.errors import LockLostError, NotHeldError, ServerError
-from procsync.session import _key, _sessions
+from procsync.session import Session, _key, _sessions
 from procsync.sync._base import Holder, HoldRecord, Primitive
 
-__all__ = ["Lock", "LockStatistics", "RLock"]
+__all__ = ["Lock", "LockCommon", "LockStatistics", "RLock"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +46,10 @@ def _check_acquire_args(blocking: object, timeout: object) -> float | None:
     return check_timeout(timeout, negative="forever")
 
 
-class _LockBase(Primitive):
+class LockCommon(Primitive):
+    """What the sync and asyncio locks share: where the lock lives, the local hold
+    record, and the acquire/release operations both fronts drive."""
+
     __slots__ = ("_hold", "_ref")
 
     _kind = "lock"
@@ -64,34 +68,51 @@ class _LockBase(Primitive):
             r = self._ref = permits.PermitsRef(self.backend, self._kind, self._name, 1)
         return r
 
-    def _server_acquire(self, blocking: bool, timeout: float | None) -> bool:
+    def _acquire_op(self, blocking: bool, timeout: float | None) -> Callable[[Session], Op]:
+        """The acquire operation (both fronts): take the lock, record the hold."""
         ref = self.ref
         deadline = None if timeout is None else time.monotonic() + timeout
-        token, sess = _drivers.run_with_session(
-            ref.backend, lambda s: permits.acquire(ref, s, bool(blocking), deadline, time.monotonic)
-        )
-        if token is None:
-            return False
-        self._hold.granted(sess, token)
-        return True
 
-    def _server_release(self) -> None:
+        def op(sess: Session) -> Op:
+            token = yield from permits.acquire(ref, sess, blocking, deadline, time.monotonic)
+            if token is None:
+                return False
+            self._hold.granted(sess, token)
+            return True
+
+        return op
+
+    def _undo_acquire(self, sess: Session, acquired: Any) -> Op | None:
+        """Give back a grant whose caller was cancelled (asyncio)."""
+        return self._release_op() if acquired else None
+
+    def _release_op(self) -> Op:
+        """The release operation (both fronts)."""
         ref = self.ref
-        lost = self._hold.lost()
-        sess = self._hold.session if self._hold.count else _sessions.get(_key(ref.backend))
-        held = self._hold.count > 0
+        hold = self._hold
+        held = hold.count > 0
+        sess = hold.session if held else _sessions.get(_key(ref.backend))
+        lost = hold.lost()
         if lost is not None:
-            # Best effort: free it now if the server still has it, then say it was lost.
-            with contextlib.suppress(ServerError, NotHeldError, LockLostError):
-                _drivers.run(ref.backend, permits.release(ref, sess, 1, False))
-            self._hold.clear()
+            # Free it now if the server still has it under the old session, then say so.
+            with contextlib.suppress(ServerError, NotHeldError):
+                yield from permits.release(ref, sess, 1, False)
+            hold.clear()
             raise LockLostError(f"{ref.describe()} was lost before release: {lost}")
         try:
-            _drivers.run(ref.backend, permits.release(ref, sess, 1, held))
+            yield from permits.release(ref, sess, 1, held)
         except LockLostError:
-            self._hold.clear()
+            hold.clear()
             raise
-        self._hold.clear()
+        hold.clear()
+        return None
+
+    def _server_acquire(self, blocking: bool, timeout: float | None) -> bool:
+        ok, _ = _drivers.run_with_session(self.ref.backend, self._acquire_op(blocking, timeout))
+        return bool(ok)
+
+    def _server_release(self) -> None:
+        _drivers.run(self.ref.backend, self._release_op())
 
     # -- introspection ------------------------------------------------------------
 
@@ -114,19 +135,7 @@ class _LockBase(Primitive):
     def _hold_lost(self, reason: str) -> None:
         self._hold.mark_lost(reason)
 
-    def locked(self) -> bool:
-        """True if some process holds the lock (one round trip)."""
-        st = _drivers.run(self.ref.backend, permits.state(self.ref))
-        return bool(st.value == 0)
-
-    def owner(self) -> Holder | None:
-        """The holding process (session id, host, pid, lease end), or None."""
-        st = _drivers.run(self.ref.backend, permits.state(self.ref))
-        return Holder.from_info(st.holders[0]) if st.holders else None
-
-    def statistics(self) -> LockStatistics:
-        """A snapshot of the lock on the server."""
-        st = _drivers.run(self.ref.backend, permits.state(self.ref))
+    def _statistics(self, st: permits.PermitState) -> LockStatistics:
         return LockStatistics(
             name=self._name,
             locked=st.value == 0,
@@ -137,17 +146,21 @@ class _LockBase(Primitive):
             reclaimed=st.reclaimed,
         )
 
-    def __enter__(self) -> bool:
-        return self.acquire()
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+class _LockBase(LockCommon):
+    __slots__ = ()
 
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:  # pragma: no cover
-        raise NotImplementedError
+    def locked(self) -> bool:
+        """True if some process holds the lock (one round trip)."""
+        return self.statistics().locked
 
-    def release(self) -> None:  # pragma: no cover
-        raise NotImplementedError
+    def owner(self) -> Holder | None:
+        """The holding process (session id, host, pid, lease end), or None."""
+        return self.statistics().owner
+
+    def statistics(self) -> LockStatistics:
+        """A snapshot of the lock on the server (one round trip)."""
+        return self._statistics(_drivers.run(self.ref.backend, permits.state(self.ref)))
 
 
 @final
@@ -190,6 +203,12 @@ class Lock(_LockBase):
         """Release the lock; the next waiter (if any) holds it when this returns."""
         self._server_release()
 
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
     def __repr__(self) -> str:
         state = "held here" if self._hold.count else "not held here"
         tok = f" token={self._hold.token}" if self._hold.count else ""
@@ -210,7 +229,9 @@ class RLock(_LockBase):
     """
 
     __slots__ = ("_depth", "_owner_thread")
-    _kind = "rlock"
+    # Same server lock as Lock(name): reentrancy lives in the client, so an RLock and a
+    # Lock of one name (e.g. a Condition's default lock on both fronts) exclude each other.
+    _kind = "lock"
 
     def __init__(
         self, name: str | None = None, *, url: str | None = None, namespace: str | None = None
@@ -247,22 +268,14 @@ class RLock(_LockBase):
         self._owner_thread = None
         self._server_release()
 
-    # Used by Condition to release fully and restore the depth.
-    def _release_save(self) -> tuple[int, int | None]:
-        if not self._mine():
-            raise NotHeldError("cannot release un-acquired lock")
-        state = (self._depth, self._owner_thread)
-        self._depth = 0
-        self._owner_thread = None
-        self._server_release()
-        return state
-
-    def _acquire_restore(self, state: tuple[int, int | None]) -> None:
-        self._server_acquire(True, None)
-        self._depth, self._owner_thread = state
-
     def _is_owned(self) -> bool:
         return self._mine()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     @property
     def depth(self) -> int:

@@ -11,10 +11,11 @@ from typing import Any
 from procsync import _drivers
 from procsync._validate import check_permits, check_timeout
 from procsync.core import permits
-from procsync.session import _key, _sessions
+from procsync.core.steps import Op
+from procsync.session import Session, _key, _sessions
 from procsync.sync._base import Holder, HoldRecord, Primitive
 
-__all__ = ["BoundedSemaphore", "Semaphore", "SemaphoreStatistics"]
+__all__ = ["BoundedSemaphore", "Semaphore", "SemaphoreCommon", "SemaphoreStatistics"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,23 +33,8 @@ class SemaphoreStatistics:
     """Permits given back by dead holders since the semaphore last had a key."""
 
 
-class Semaphore(Primitive):
-    """Counterpart of ``threading.Semaphore`` for processes on any machine.
-
-    ``Semaphore(3, name="ktv")`` lets three holders in at once, across every process
-    that opens ``"ktv"``. Waiters are served in arrival order; a release hands the
-    permit to the next waiter directly.
-
-    Differences from threading:
-
-    * Permits are owned by the acquiring process: when it dies its permits come back
-      (at once on the same host, within the ttl elsewhere).
-    * ``release()`` by a process that holds no permit adds a free permit, as in
-      threading (so the value can grow above the initial one; BoundedSemaphore forbids it).
-    * Every process opening the same name must give the same initial value;
-      another value raises :class:`~procsync.errors.ConflictError` while the
-      semaphore is in use.
-    """
+class SemaphoreCommon(Primitive):
+    """What the sync and asyncio semaphores share: shape, hold record, operations."""
 
     __slots__ = ("_hold", "_initial", "_ref")
 
@@ -62,12 +48,9 @@ class Semaphore(Primitive):
         url: str | None = None,
         namespace: str | None = None,
     ) -> None:
-        try:
-            self._initial = check_permits(value, "semaphore initial value")
-        except ValueError:
-            if isinstance(value, int) and value < 0:
-                raise ValueError("semaphore initial value must be >= 0") from None
-            raise
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ValueError("semaphore initial value must be >= 0")
+        self._initial = check_permits(value, "semaphore initial value")
         super().__init__(name, url, namespace)
         self._hold = HoldRecord(self)
         self._ref: permits.PermitsRef | None = None
@@ -82,33 +65,25 @@ class Semaphore(Primitive):
             r = self._ref = permits.PermitsRef(self.backend, self._kind, self._name, self._initial)
         return r
 
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        """Take one permit, waiting up to ``timeout`` seconds (None: forever).
-
-        As threading: a timeout with ``blocking=False`` raises ValueError; a negative
-        timeout does not wait. Returns True when a permit was taken.
-        """
-        if not isinstance(blocking, (bool, int)):
-            raise TypeError(f"blocking must be a bool, not {type(blocking).__name__}")
-        if not blocking and timeout is not None:
-            raise ValueError("can't specify timeout for non-blocking acquire")
-        t = check_timeout(timeout, negative="zero")
+    def _acquire_op(self, blocking: bool, timeout: float | None) -> Callable[[Session], Op]:
+        """The acquire operation (both fronts): take a permit, record it."""
         ref = self.ref
-        deadline = None if t is None else time.monotonic() + t
-        token, sess = _drivers.run_with_session(
-            ref.backend, lambda s: permits.acquire(ref, s, bool(blocking), deadline, time.monotonic)
-        )
-        if token is None:
-            return False
-        self._hold.granted(sess, token)
-        return True
+        deadline = None if timeout is None else time.monotonic() + timeout
 
-    def release(self, n: int = 1) -> None:
-        """Give back ``n`` permits (waking up to ``n`` waiters).
+        def op(sess: Session) -> Op:
+            token = yield from permits.acquire(ref, sess, blocking, deadline, time.monotonic)
+            if token is None:
+                return False
+            self._hold.granted(sess, token)
+            return True
 
-        Permits this process holds are returned first; beyond them a Semaphore adds
-        free permits and a BoundedSemaphore raises ValueError.
-        """
+        return op
+
+    def _undo_acquire(self, sess: Session, acquired: Any) -> Op | None:
+        return self._release_op(1) if acquired else None
+
+    def _release_op(self, n: int) -> Op:
+        """The release operation (both fronts)."""
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
         if n < 1:
@@ -116,35 +91,14 @@ class Semaphore(Primitive):
         check_permits(n, "n")
         ref = self.ref
         sess = self._hold.session if self._hold.count else _sessions.get(_key(ref.backend))
-        _drivers.run(ref.backend, permits.release(ref, sess, n, False))
+        yield from permits.release(ref, sess, n, False)
         self._hold.released(n)
-
-    __enter__ = acquire
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    # -- introspection ------------------------------------------------------------
+        return None
 
     @property
     def initial_value(self) -> int:
         """The value the semaphore was created with."""
         return self._initial
-
-    @property
-    def value(self) -> int:
-        """Free permits right now (one round trip)."""
-        st = _drivers.run(self.ref.backend, permits.state(self.ref))
-        return int(st.value)
-
-    def get_value(self) -> int:
-        """``multiprocessing.Semaphore.get_value()``: same as :attr:`value`."""
-        return self.value
-
-    def holders(self) -> list[Holder]:
-        """The processes holding permits (at most 32 listed)."""
-        st = _drivers.run(self.ref.backend, permits.state(self.ref))
-        return [Holder.from_info(h) for h in st.holders]
 
     @property
     def token(self) -> int | None:
@@ -163,9 +117,7 @@ class Semaphore(Primitive):
     def _hold_lost(self, reason: str) -> None:
         self._hold.mark_lost(reason)
 
-    def statistics(self) -> SemaphoreStatistics:
-        """A snapshot of the semaphore on the server."""
-        st = _drivers.run(self.ref.backend, permits.state(self.ref))
+    def _statistics(self, st: permits.PermitState) -> SemaphoreStatistics:
         return SemaphoreStatistics(
             name=self._name,
             value=st.value,
@@ -179,10 +131,82 @@ class Semaphore(Primitive):
 
     def __repr__(self) -> str:
         cls = type(self).__name__
+        front = (
+            "procsync.asyncio"
+            if type(self).__module__.startswith("procsync.asyncio")
+            else "procsync"
+        )
         return (
-            f"<procsync.{cls} {self._name!r} value={self._initial} "
+            f"<{front}.{cls} {self._name!r} value={self._initial} "
             f"held here={self._hold.count}{self._where()} at {id(self):#x}>"
         )
+
+
+class Semaphore(SemaphoreCommon):
+    """Counterpart of ``threading.Semaphore`` for processes on any machine.
+
+    ``Semaphore(3, name="ktv")`` lets three holders in at once, across every process
+    that opens ``"ktv"``. Waiters are served in arrival order; a release hands the
+    permit to the next waiter directly.
+
+    Differences from threading:
+
+    * Permits are owned by the acquiring process: when it dies its permits come back
+      (at once on the same host, within the ttl elsewhere).
+    * ``release()`` by a process that holds no permit adds a free permit, as in
+      threading (so the value can grow above the initial one; BoundedSemaphore forbids it).
+    * Every process opening the same name must give the same initial value;
+      another value raises :class:`~procsync.errors.ConflictError` while the
+      semaphore is in use.
+    """
+
+    __slots__ = ()
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take one permit, waiting up to ``timeout`` seconds (None: forever).
+
+        As threading: a timeout with ``blocking=False`` raises ValueError; a negative
+        timeout does not wait. Returns True when a permit was taken.
+        """
+        if not isinstance(blocking, (bool, int)):
+            raise TypeError(f"blocking must be a bool, not {type(blocking).__name__}")
+        if not blocking and timeout is not None:
+            raise ValueError("can't specify timeout for non-blocking acquire")
+        t = check_timeout(timeout, negative="zero")
+        ok, _ = _drivers.run_with_session(self.ref.backend, self._acquire_op(bool(blocking), t))
+        return bool(ok)
+
+    def release(self, n: int = 1) -> None:
+        """Give back ``n`` permits (waking up to ``n`` waiters).
+
+        Permits this process holds are returned first; beyond them a Semaphore adds
+        free permits and a BoundedSemaphore raises ValueError.
+        """
+        _drivers.run(self.ref.backend, self._release_op(n))
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # -- introspection ------------------------------------------------------------
+
+    @property
+    def value(self) -> int:
+        """Free permits right now (one round trip)."""
+        return self.statistics().value
+
+    def get_value(self) -> int:
+        """``multiprocessing.Semaphore.get_value()``: same as :attr:`value`."""
+        return self.value
+
+    def holders(self) -> list[Holder]:
+        """The processes holding permits (at most 32 listed)."""
+        return list(self.statistics().holders)
+
+    def statistics(self) -> SemaphoreStatistics:
+        """A snapshot of the semaphore on the server (one round trip)."""
+        return self._statistics(_drivers.run(self.ref.backend, permits.state(self.ref)))
 
 
 class BoundedSemaphore(Semaphore):

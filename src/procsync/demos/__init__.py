@@ -1,0 +1,53 @@
+"""Runnable demos: the examples of the user's notes, made real with procsync.
+
+Each demo is a module here that does the work (real processes, real signals, a
+checker that fails loudly) and reports through callbacks and a result record; the
+``procsync demo NAME`` command (:mod:`procsync.cli.demo`) draws it on the terminal.
+
+:data:`CATALOGUE` is the list ``procsync demo`` shows. A new demo plugs in by adding
+one :class:`DemoInfo` entry that names its click command; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import final
+
+__all__ = ["CATALOGUE", "DemoInfo", "find"]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class DemoInfo:
+    """One entry of ``procsync demo``'s list."""
+
+    name: str
+    """What follows ``procsync demo`` on the command line."""
+    summary: str
+    """One line: what runs and what it proves."""
+    lesson: str
+    """The example of the notes (and the primitive) it makes real."""
+    command: str
+    """``"module:attribute"`` of its click command, imported only when it runs."""
+
+
+#: Every demo, in the order ``procsync demo`` lists them.
+CATALOGUE: tuple[DemoInfo, ...] = (
+    DemoInfo(
+        name="tickets",
+        summary=(
+            "buyer processes race for tickets in SQLite; Lock + fencing tokens keep it "
+            "exact, --chaos kills and freezes the holders"
+        ),
+        lesson="抢票 ticket rush (Lock)",
+        command="procsync.cli.demo:tickets",
+    ),
+)
+
+
+def find(name: str) -> DemoInfo | None:
+    """The catalogue entry called ``name``, or None."""
+    for info in CATALOGUE:
+        if info.name == name:
+            return info
+    return None
