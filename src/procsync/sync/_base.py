@@ -3,6 +3,7 @@ pickling, and the local record of what this process holds."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -73,6 +74,15 @@ class Primitive:
         b = self._backend
         if b is None:
             b = self._backend = get_backend(self._url, self._namespace)
+        return b
+
+    async def _abackend(self) -> Backend:
+        """Async twin of :attr:`backend`: resolving it may start the embedded server,
+        so on an event loop that runs in a worker thread."""
+        b = self._backend
+        if b is None:
+            b = await asyncio.to_thread(get_backend, self._url, self._namespace)
+            self._backend = b
         return b
 
     def _ctor(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
