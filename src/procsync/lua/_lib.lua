@@ -218,17 +218,17 @@ drop_session_from = function(P, k, sid, now)
   end
 end
 
--- Check the state key k: {nil} when usable, or an error reply table.
+-- Check the state key k: (nil, absent?) when usable, or an error reply table.
 local function check_kind(k, kind, init)
   local typ = redis.call('TYPE', k)['ok']
-  if typ == 'none' then return nil end
+  if typ == 'none' then return nil, true end
   if typ ~= 'hash' then return {'wrongtype', typ} end
   local s = redis.call('HMGET', k, 'kind', 'init')
   if not s[1] then return {'wrongtype', 'hash'} end
   if s[1] ~= kind or (init and tonumber(s[2]) ~= tonumber(init)) then
     return {'conflict', s[1], s[2] or ''}
   end
-  return nil
+  return nil, false
 end
 
 -- Identity of up to `limit` holders of k: flat list sid, deadline, boot, pid, start,
