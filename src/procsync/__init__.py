@@ -42,6 +42,7 @@ from procsync.sync import (
     RLock,
     Semaphore,
     SemaphoreStatistics,
+    Value,
 )
 
 __version__ = "0.1.0"
@@ -69,6 +70,7 @@ __all__ = [
     "ServerUnsupportedError",
     "Session",
     "SessionLostError",
+    "Value",
     "WrongTypeError",
     "__version__",
     "current_session",

@@ -10,7 +10,7 @@ from importlib import resources
 __all__ = ["SCRIPT_NAMES", "script_source"]
 
 #: Every script procsync runs. The contract of each is in the header of its file.
-SCRIPT_NAMES = ("session", "permits", "event", "cond", "barrier")
+SCRIPT_NAMES = ("session", "permits", "event", "cond", "barrier", "value")
 
 
 @functools.cache

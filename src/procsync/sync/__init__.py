@@ -5,6 +5,7 @@ from procsync.sync.condition import Condition
 from procsync.sync.event import Event
 from procsync.sync.lock import Lock, LockStatistics, RLock
 from procsync.sync.semaphore import BoundedSemaphore, Semaphore, SemaphoreStatistics
+from procsync.sync.value import Value
 
 __all__ = [
     "Barrier",
@@ -16,4 +17,5 @@ __all__ = [
     "RLock",
     "Semaphore",
     "SemaphoreStatistics",
+    "Value",
 ]

@@ -1,0 +1,59 @@
+--[[ value.lua: Value (a shared int, float, str or bytes).
+
+KEYS[1]  k          HASH  kind="value", type=int|float|str|bytes, v=<the value>
+ARGV[1]  P
+ARGV[2]  op         open | get | set | add | delete
+ARGV[3]  type       int | float | str | bytes
+ARGV[4]  value      (open: initial value, set) | delta (add)
+
+Replies:
+  open:   {'ok', v, created 0|1}   creates the value with ARGV[4] if absent
+  get:    {'ok', v} | {'absent'}
+  set:    {'ok'}
+  add:    {'ok', new value}        atomic; int or float only
+  delete: {'ok', existed 0|1}
+  any op: {'wrongtype', type} | {'conflict', kind, type}
+
+A Value is state that means something: it stays until deleted (no expiry).
+]]
+
+local k = KEYS[1]
+local op, typ, arg = ARGV[2], ARGV[3], ARGV[4]
+
+local ktype = redis.call('TYPE', k)['ok']
+if ktype ~= 'none' and ktype ~= 'hash' then return {'wrongtype', ktype} end
+if ktype == 'hash' then
+  local s = redis.call('HMGET', k, 'kind', 'type')
+  if s[1] ~= 'value' then return {'wrongtype', 'hash'} end
+  if s[2] ~= typ then return {'conflict', 'Value', s[2]} end
+end
+
+if op == 'open' then
+  if ktype == 'none' then
+    redis.call('HSET', k, 'kind', 'value', 'type', typ, 'v', arg)
+    return {'ok', arg, 1}
+  end
+  return {'ok', redis.call('HGET', k, 'v'), 0}
+end
+
+if op == 'get' then
+  if ktype == 'none' then return {'absent'} end
+  return {'ok', redis.call('HGET', k, 'v')}
+end
+
+if op == 'set' then
+  redis.call('HSET', k, 'kind', 'value', 'type', typ, 'v', arg)
+  return {'ok'}
+end
+
+if op == 'add' then
+  if ktype == 'none' then redis.call('HSET', k, 'kind', 'value', 'type', typ, 'v', 0) end
+  if typ == 'int' then return {'ok', redis.call('HINCRBY', k, 'v', arg)} end
+  return {'ok', redis.call('HINCRBYFLOAT', k, 'v', arg)}
+end
+
+if op == 'delete' then
+  return {'ok', redis.call('DEL', k)}
+end
+
+return redis.error_reply('procsync: unknown value op ' .. tostring(op))
