@@ -35,11 +35,8 @@ class DemoInfo:
 CATALOGUE: tuple[DemoInfo, ...] = (
     DemoInfo(
         name="tickets",
-        summary=(
-            "buyer processes race for tickets in SQLite; Lock + fencing tokens keep it "
-            "exact, --chaos kills and freezes the holders"
-        ),
-        lesson="抢票 ticket rush (Lock)",
+        summary="buyers race for tickets in SQLite; fencing tokens keep it exact under --chaos",
+        lesson="抢票, Lock",
         command="procsync.cli.demo:tickets",
     ),
 )

@@ -67,7 +67,7 @@ class ConditionCommon(Primitive):
         def op(sess: Session) -> Op:
             saved = (lock._depth, lock._owner_thread) if isinstance(lock, RLock) else None
             # The script releases the server-side hold; forget it locally first.
-            lock._hold.clear()
+            lock._hold.released(1)
             if isinstance(lock, RLock):
                 lock._depth, lock._owner_thread = 0, None
             try:

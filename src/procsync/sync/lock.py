@@ -104,7 +104,9 @@ class LockCommon(Primitive):
         except LockLostError:
             hold.clear()
             raise
-        hold.clear()
+        # One grant fewer, not "none": another thread of this process may already have
+        # been handed the lock by this very release and recorded its grant.
+        hold.released(1)
         return None
 
     def _server_acquire(self, blocking: bool, timeout: float | None) -> bool:
