@@ -16,13 +16,13 @@ from typing import Any
 from procsync.backend.client import MAX_POP_SECONDS, Backend
 from procsync.core.steps import (
     Call,
-    HolderInfo,
     Op,
     Pop,
     SessionGone,
     SessionView,
     check_common,
     parse_holders,
+    parse_notice,
     reap,
 )
 from procsync.errors import BrokenBarrierError, ProtocolError
@@ -62,14 +62,6 @@ def _broken(ref: BarrierRef, why: Any) -> BrokenBarrierError:
 def _unexpected(ref: BarrierRef, reply: list[Any]) -> Exception:
     check_common(reply, ref.describe)
     return ProtocolError(f"{ref.describe()}: unexpected reply {reply!r:.200}")
-
-
-def _peer(notice: str) -> HolderInfo | None:
-    try:
-        sid, boot, pid, start, host = notice[5:].split("|", 4)
-        return HolderInfo(sid, 0, boot, int(pid), int(start), host, 1)
-    except ValueError:
-        return None
 
 
 def wait(
@@ -115,7 +107,7 @@ def wait(
                 st = yield from state(ref)
                 raise _broken(ref, st.why)
             if got.startswith("peer:"):
-                peer = _peer(got)
+                peer = parse_notice(got, "peer:")
                 if peer is not None:
                     dead = sess.watch_holders([peer], inbox)
                     if dead:

@@ -25,12 +25,14 @@ from typing import Any
 from procsync.backend.client import MAX_POP_SECONDS, Backend
 from procsync.core.steps import (
     Call,
+    HolderInfo,
     Op,
     Pop,
     SessionGone,
     SessionView,
     check_common,
     parse_holders,
+    parse_notice,
     reap,
 )
 from procsync.errors import (
@@ -84,6 +86,18 @@ def _token(value: Any) -> int:
         raise ProtocolError(f"malformed fencing token {value!r:.100}") from None
 
 
+def lease_left(server_now: Any, holders: list[HolderInfo]) -> float:
+    """Seconds until the earliest holder lease ends, by the server's clock (no holder,
+    e.g. a Semaphore(0) waiting for a release: the longest single pop)."""
+    try:
+        now_ms = int(server_now)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"malformed server time {server_now!r:.100}") from None
+    if not holders:
+        return MAX_POP_SECONDS
+    return max(0.0, (min(h.deadline_ms for h in holders) - now_ms) / 1000.0)
+
+
 def acquire(
     ref: PermitsRef,
     sess: SessionView,
@@ -100,6 +114,7 @@ def acquire(
     """
     wid = sess.new_waiter_id()
     inbox = ref.inbox(wid)
+    b = ref.backend
     reply = yield ref.call("acquire", sess.id, wid, 1 if blocking else 0)
     queued = False
     try:
@@ -115,28 +130,37 @@ def acquire(
                 check_common(reply, ref.describe)
                 raise ProtocolError(f"{ref.describe()}: unexpected reply {reply!r:.200}")
             queued = True
-            holders = parse_holders(reply[1:])
+            holders = parse_holders(reply[2:])
             dead = sess.watch_holders(holders, inbox)
             if dead:
-                b = ref.backend
                 yield from reap(b.prefix, b.sessions_key, b.gone_key, dead)
                 reply = yield ref.call("acquire", sess.id, wid, 1)
                 continue
-            left = None if deadline is None else deadline - now()
-            if left is not None and left <= 0:
-                reply = yield ref.call("cancel", sess.id, wid)
-                queued = False
-                return _token(reply[1]) if reply[0] == "ok" else None
-            # Look again when the earliest holder lease may have ended.
-            wait = MAX_POP_SECONDS if left is None else min(left, MAX_POP_SECONDS)
-            got = yield Pop(inbox, wait)
-            if got is not None:
-                queued = False
-                return _token(got)
-            if deadline is not None and now() >= deadline:
-                reply = yield ref.call("cancel", sess.id, wid)
-                queued = False
-                return _token(reply[1]) if reply[0] == "ok" else None
+            # Look again when the earliest holder lease runs out (its session is then
+            # reaped by whoever meets it first, possibly us), or when the budget ends.
+            lease_end = now() + lease_left(reply[1], holders)
+            while True:
+                left = None if deadline is None else deadline - now()
+                if left is not None and left <= 0:
+                    reply = yield ref.call("cancel", sess.id, wid)
+                    queued = False
+                    return _token(reply[1]) if reply[0] == "ok" else None
+                wait = min(MAX_POP_SECONDS, max(0.0, lease_end - now()) + LEASE_MARGIN_S)
+                if left is not None:
+                    wait = min(wait, left)
+                got = yield Pop(inbox, wait)
+                if got is None:
+                    if deadline is not None and now() >= deadline:
+                        continue  # the budget is spent: cancel at the top
+                    break  # a lease may have ended: look again
+                notice = parse_notice(got, "w:")
+                if notice is None:
+                    queued = False
+                    return _token(got)
+                # We became the head of the queue: watch the new holder.
+                dead = sess.watch_holders([notice], inbox)
+                if dead:
+                    yield from reap(b.prefix, b.sessions_key, b.gone_key, dead)
             reply = yield ref.call("acquire", sess.id, wid, 1)
     except BaseException:
         if queued:

@@ -18,6 +18,7 @@ __all__ = [
     "Step",
     "check_common",
     "parse_holders",
+    "parse_notice",
     "reap",
 ]
 
@@ -95,6 +96,18 @@ def reap(prefix: str, sessions_key: str, gone_key: str, dead: list[HolderInfo]) 
         )
         n += 1 if len(reply) > 1 and str(reply[1]) == "1" else 0
     return n
+
+
+def parse_notice(text: str, prefix: str) -> HolderInfo | None:
+    """Decode an inbox notice ``<prefix><sid>|<boot>|<pid>|<start>|<host>`` naming a
+    process to watch; None if ``text`` is not such a notice (e.g. a grant token)."""
+    if not text.startswith(prefix):
+        return None
+    try:
+        sid, boot, pid, start, host = text[len(prefix) :].split("|", 4)
+        return HolderInfo(sid, 0, boot, int(pid), int(start), host, 1)
+    except ValueError:
+        raise ProtocolError(f"malformed inbox notice {text!r:.200}") from None
 
 
 def parse_holders(flat: list[Any]) -> list[HolderInfo]:

@@ -39,6 +39,12 @@ CATALOGUE: tuple[DemoInfo, ...] = (
         lesson="抢票, Lock",
         command="procsync.cli.demo:tickets",
     ),
+    DemoInfo(
+        name="fleet",
+        summary="100 machines x 100 processes report alive; kills some, times the death reports",
+        lesson="守护进程报活, Session",
+        command="procsync.cli.registry:fleet",
+    ),
 )
 
 

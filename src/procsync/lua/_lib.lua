@@ -73,6 +73,24 @@ local function log_event(P, typ, sid, now, extra)
   redis.call(unpack(args))
 end
 
+-- "<sid>|<boot>|<pid>|<start>|<host>": what a waiter needs to watch a process.
+local function identity_notice(P, sid)
+  local id = redis.call('HMGET', P .. 's:' .. sid, 'boot', 'pid', 'start', 'host')
+  return sid .. '|' .. (id[1] or '') .. '|' .. (id[2] or '0') .. '|' .. (id[3] or '0') .. '|'
+    .. (id[4] or '')
+end
+
+-- Empty a waiter's inbox; return the grant in it (a value that is not a notice), if any.
+local function take_grant(P, wid)
+  local inbox = P .. 'in:' .. wid
+  local got = nil
+  for _, v in ipairs(redis.call('LRANGE', inbox, 0, -1)) do
+    if not got and string.sub(v, 1, 2) ~= 'w:' and string.sub(v, 1, 5) ~= 'peer:' then got = v end
+  end
+  redis.call('DEL', inbox)
+  return got
+end
+
 local function push_grant(P, wid, value)
   local inbox = P .. 'in:' .. wid
   redis.call('LPUSH', inbox, value)
@@ -107,6 +125,7 @@ local function permits_dispatch(P, k, now)
   local q = k .. ':q'
   local v = tonumber(redis.call('HGET', k, 'v'))
   local granted = {}
+  local granted_sids = {}
   while v > 0 do
     local w = redis.call('LPOP', q)
     if not w then break end
@@ -120,6 +139,15 @@ local function permits_dispatch(P, k, now)
       redis.call('SADD', P .. 'h:' .. wsid, k)
       push_grant(P, w, string.format('%d', tok))
       granted[w] = tok
+      granted_sids[#granted_sids + 1] = wsid
+    end
+  end
+  -- The new head of the queue watches the new holders (same-host crash detection
+  -- passes down the queue with the lock): "w:<sid>|<boot>|<pid>|<start>|<host>".
+  local head = redis.call('LINDEX', q, 0)
+  if head then
+    for _, hsid in ipairs(granted_sids) do
+      push_grant(P, head, 'w:' .. identity_notice(P, hsid))
     end
   end
   return granted

@@ -57,9 +57,7 @@ end
 if op == 'cancel' then
   local wid = ARGV[4]
   redis.call('LREM', w, 0, wid)
-  local inbox = P .. 'in:' .. wid
-  local got = redis.call('LPOP', inbox)
-  redis.call('DEL', inbox)
+  local got = take_grant(P, wid)
   if not queued_in(w, sid) then redis.call('SREM', P .. 'h:' .. sid, k) end
   if redis.call('LLEN', w) == 0 then redis.call('DEL', k) end
   if got then return {'notified'} end

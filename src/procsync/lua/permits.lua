@@ -13,11 +13,15 @@ ARGV[6]  wid        caller's waiter id (acquire, cancel)   | n permits (release)
 ARGV[7]  blocking   1 / 0 (acquire)
 
 Replies (first element is the status):
-  acquire: {'ok', token} | {'busy', holders...} | {'queued', holders...} | {'nosession'}
+  acquire: {'ok', token} | {'busy', now_ms, holders...} | {'queued', now_ms, holders...}
+           | {'nosession'}
   release: {'ok', woken} | {'notheld'} | {'notowner', holders...} | {'overrelease'}
   cancel:  {'ok', token}  (granted before the cancel arrived) | {'cancelled'}
   state:   {'state', v, init, last_token, grants, reclaimed, queue_len, holders...}
   any op:  {'wrongtype', type} | {'conflict', kind, init}
+A queued waiter's inbox receives its token (digits) when granted, and notices
+"w:<sid>|<boot>|<pid>|<start>|<host>" naming a new holder to watch when it becomes the
+head of the queue.
 holders... is a flat list of (sid, deadline_ms, boot_id, pid, start_ticks, host, permits),
 at most 32 holders.
 
@@ -94,7 +98,7 @@ if op == 'acquire' then
       return {'ok', tok}
     end
     if not blocking then
-      local out = {'busy'}
+      local out = {'busy', now}
       for _, x in ipairs(holders_info(P, k, 32)) do out[#out + 1] = x end
       permits_maybe_delete(k)
       return out
@@ -107,7 +111,7 @@ if op == 'acquire' then
     redis.call('DEL', P .. 'in:' .. wid)
     return {'ok', granted[wid]}
   end
-  local out = {'queued'}
+  local out = {'queued', now}
   for _, x in ipairs(holders_info(P, k, 32)) do out[#out + 1] = x end
   return out
 end
@@ -115,9 +119,7 @@ end
 if op == 'cancel' then
   local wid = ARGV[6]
   redis.call('LREM', q, 0, wid)
-  local inbox = P .. 'in:' .. wid
-  local tok = redis.call('LPOP', inbox)
-  redis.call('DEL', inbox)
+  local tok = take_grant(P, wid)
   if tok then return {'ok', tonumber(tok)} end
   if redis.call('EXISTS', k) == 1 then
     if not redis.call('HGET', k, 'h:' .. sid) and not queued_in(q, sid) then

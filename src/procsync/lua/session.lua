@@ -3,13 +3,15 @@
 KEYS[1]  P.."sessions"   ZSET sid -> lease deadline (server ms)
 KEYS[2]  P.."gone"       ZSET ended sid -> end time (retention index)
 ARGV[1]  P
-ARGV[2]  op              open | beat | close | reap | progress
-ARGV[3]  sid
+ARGV[2]  op              open | beat | close | reap | progress | sweep | force
+ARGV[3]  sid             ('-' for sweep)
 open:     ARGV[4] ttl_ms, ARGV[5] name, ARGV[6] host, ARGV[7] boot_id, ARGV[8] pid,
           ARGV[9] start_ticks, ARGV[10] heartbeat mode, ARGV[11] stall_after_ms (0 = off)
 beat:     ARGV[4] ttl_ms, ARGV[5] reap batch size
 reap:     ARGV[4] boot_id, ARGV[5] pid, ARGV[6] start_ticks  (the identity the caller saw dead)
 progress: (no more arguments) the application says it made progress
+sweep:    ARGV[4] batch size, ARGV[5] retention ms ('' = RETENTION_MS)
+force:    ARGV[4] who forces it (free text), ARGV[5] what it was forced for (a state key)
 
 Replies:
   open:     {'ok', now_ms, deadline_ms}
@@ -17,10 +19,23 @@ Replies:
   close:    {'ok'}
   reap:     {'ok', 1 if reaped else 0}
   progress: {'ok'} | {'unknown'}
+  sweep:    {'ok', now_ms, reaped, forgotten, next_deadline_ms (-1: no session), more 0|1}
+  force:    {'ok', 1 if ended else 0}
 
 A session is alive while its deadline is in the future. `beat` renews it and reaps up
 to a batch of expired sessions (each a whole session: holds released, waits dropped,
 death logged), so detection needs no extra process and no script runs long.
+
+`sweep` is the same bounded reaping for readers of the registry (procsync.registry:
+sessions(), watch()), so deaths are reported even when no other session beats; it also
+forgets, a batch at a time, sessions ended longer than the retention ago and trims the
+event stream to the same window (an empty stream is deleted: nothing is left behind).
+It replies the earliest live deadline, so a watcher knows when to sweep next.
+
+`force` is an operator's release (procsync release NAME --force): the holder's whole
+session ends as 'forced' (state 'dead'); its holds go to the next waiters at once and
+its process finds its session unknown at its next heartbeat (holds lost). Who forced it
+is kept in the session hash (forced_by, forced_what) and passed to the event.
 ]]
 
 local P, op, sid = ARGV[1], ARGV[2], ARGV[3]
@@ -98,6 +113,35 @@ if op == 'reap' then
     return {'ok', 1}
   end
   return {'ok', 0}
+end
+
+if op == 'sweep' then
+  local batch = tonumber(ARGV[4])
+  local keep = tonumber(ARGV[5] or '') or RETENTION_MS
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, batch)
+  for _, x in ipairs(expired) do reap_session(P, x, now, 'died') end
+  local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - keep, 'LIMIT', 0, batch)
+  for _, x in ipairs(old) do
+    redis.call('DEL', P .. 's:' .. x)
+    redis.call('ZREM', KEYS[2], x)
+  end
+  local ev = P .. 'events'
+  if redis.call('EXISTS', ev) == 1 then
+    redis.call('XTRIM', ev, 'MINID', string.format('%d', now - keep + 1))
+    if redis.call('XLEN', ev) == 0 then redis.call('DEL', ev) end
+  end
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  local more = 0
+  if #expired == batch or #old == batch then more = 1 end
+  return {'ok', now, #expired, #old, first[2] or -1, more}
+end
+
+if op == 'force' then
+  if not redis.call('ZSCORE', KEYS[1], sid) then return {'ok', 0} end
+  redis.call('HSET', skey, 'forced_by', ARGV[4], 'forced_what', ARGV[5])
+  -- The extra fields reach the event once reap_session passes them to log_event.
+  reap_session(P, sid, now, 'forced', {'by', ARGV[4], 'what', ARGV[5]})
+  return {'ok', 1}
 end
 
 return redis.error_reply('procsync: unknown session op ' .. tostring(op))
