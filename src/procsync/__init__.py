@@ -3,10 +3,13 @@
 Map of the package (each layer uses only the ones below it)::
 
     procsync.sync / procsync.asyncio   public primitives (threading / asyncio signatures)
+    procsync.registry                  liveness registry (报活): sessions, death events,
+                                       primitives' holders and waiters; the CLI reads it
     procsync._drivers                  run core operations: blocking, or on an event loop
     procsync.core                      each primitive's algorithm, no I/O (yields steps)
     procsync.session                   one session per process per server: heartbeat,
                                        lease, same-host death watcher, fork safety
+    procsync._heartbeat_process        a session's heartbeat daemon process (optional)
     procsync.backend                   redis-py clients, server checks, Lua script registry,
                                        the embedded Valkey launcher
     procsync/lua/*.lua                 all shared state changes: one script per primitive
@@ -31,6 +34,17 @@ from procsync.errors import (
     SessionLostError,
     WrongTypeError,
 )
+from procsync.registry import (
+    LivenessEvent,
+    PrimitiveInfo,
+    SessionInfo,
+    asessions,
+    awatch,
+    describe,
+    primitives,
+    sessions,
+    watch,
+)
 from procsync.session import Session, current_session
 from procsync.sync import (
     Barrier,
@@ -54,6 +68,7 @@ __all__ = [
     "Condition",
     "ConflictError",
     "Event",
+    "LivenessEvent",
     "Lock",
     "LockLostError",
     "LockStatistics",
@@ -61,6 +76,7 @@ __all__ = [
     "NotHeldError",
     "NotOwnerError",
     "OverReleaseError",
+    "PrimitiveInfo",
     "ProcsyncError",
     "RLock",
     "Semaphore",
@@ -69,9 +85,16 @@ __all__ = [
     "ServerUnavailableError",
     "ServerUnsupportedError",
     "Session",
+    "SessionInfo",
     "SessionLostError",
     "Value",
     "WrongTypeError",
     "__version__",
+    "asessions",
+    "awatch",
     "current_session",
+    "describe",
+    "primitives",
+    "sessions",
+    "watch",
 ]

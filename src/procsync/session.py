@@ -20,6 +20,17 @@ Failure model
   could hand the primitive to someone else.
 * Fork: a child never owns or renews its parent's session; it opens its own on
   first use.
+
+Heartbeat modes
+---------------
+``heartbeat="thread"`` (default) renews from a daemon thread. ``heartbeat="process"``
+renews from a daemon process (:mod:`procsync._heartbeat_process`) that lives exactly
+as long as this process: it keeps the session alive while the main thread is stuck in
+C code holding the GIL (where a thread cannot run), and when this process dies it
+ends the session at once, so the death is reported within milliseconds. Either way
+:meth:`Session.beat` is the application's own progress signal: a session with
+``stall_after`` that does not beat for that long is reported ``stalled`` (its
+heartbeat still lives), and ``resumed`` at its next beat.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from procsync import _config
+from procsync._heartbeat_process import HeartbeatProcess
 from procsync._identity import Identity, current_identity, pid_alive
 from procsync._validate import check_name, check_ttl
 from procsync.backend.client import Backend, get_backend
@@ -46,18 +58,68 @@ from procsync.core.steps import HolderInfo, reap
 from procsync.errors import ServerError, SessionLostError
 
 __all__ = [
+    "HEARTBEAT_MODES",
     "HoldOwner",
     "PidWatcher",
     "Session",
+    "beat_args",
     "close_all",
+    "close_args",
     "configure",
     "current_session",
+    "open_args",
     "session_for",
+    "session_keys",
+    "watch_session_process",
 ]
 
 log = logging.getLogger("procsync.session")
 
 REAP_BATCH = 16
+HEARTBEAT_MODES = ("thread", "process")
+#: How long a new heartbeat process may take to confirm its first renewal (the
+#: session renews from here meanwhile, so a short ttl is fine).
+HEARTBEAT_PROCESS_START_S = 20.0
+
+
+def session_keys(backend: Backend) -> list[str]:
+    """KEYS of every ``session.lua`` call."""
+    return [backend.sessions_key, backend.gone_key]
+
+
+def open_args(
+    backend: Backend,
+    sid: str,
+    ttl: float,
+    name: str,
+    ident: Identity,
+    heartbeat: str,
+    stall_after: float | None,
+) -> list[str | int]:
+    """ARGV of ``session.lua``'s ``open`` (shared with the fleet simulation)."""
+    return [
+        backend.prefix,
+        "open",
+        sid,
+        int(ttl * 1000),
+        name,
+        ident.host,
+        ident.boot_id,
+        ident.pid,
+        ident.start_ticks,
+        heartbeat,
+        int(stall_after * 1000) if stall_after else 0,
+    ]
+
+
+def beat_args(backend: Backend, sid: str, ttl: float) -> list[str | int]:
+    """ARGV of ``session.lua``'s ``beat``: renew and reap a batch of expired sessions."""
+    return [backend.prefix, "beat", sid, int(ttl * 1000), REAP_BATCH]
+
+
+def close_args(backend: Backend, sid: str) -> list[str | int]:
+    """ARGV of ``session.lua``'s ``close``."""
+    return [backend.prefix, "close", sid]
 
 
 class HoldOwner(Protocol):
@@ -74,15 +136,18 @@ class Session:
     Primitives open a default session on first use, so most programs never
     create one. Use as a context manager to end it (and release its holds) early.
 
-    ``heartbeat="thread"`` renews from a daemon thread of this process. A session
-    that must outlive a main thread stuck in C code holding the GIL wants a
-    heartbeat process; that mode belongs to the liveness registry.
+    ``heartbeat="thread"`` renews from a daemon thread of this process;
+    ``heartbeat="process"`` from a daemon process that survives a main thread stuck
+    in C code holding the GIL and ends the session the moment this process dies
+    (see the module docstring). ``stall_after`` (seconds) turns on stall reports:
+    call :meth:`beat` at least that often while the application makes progress.
     """
 
     __slots__ = (
         "__weakref__",
         "_closed",
         "_deadline",
+        "_hb_proc",
         "_hb_thread",
         "_holders",
         "_lock",
@@ -112,8 +177,8 @@ class Session:
         _install: bool = True,
     ) -> None:
         self.ttl = check_ttl(ttl if ttl is not None else _config.env_ttl())
-        if heartbeat != "thread":
-            raise ValueError(f"heartbeat must be 'thread', got {heartbeat!r}")
+        if heartbeat not in HEARTBEAT_MODES:
+            raise ValueError(f"heartbeat must be 'thread' or 'process', got {heartbeat!r}")
         self.heartbeat = heartbeat
         self.stall_after = None if stall_after is None else check_ttl(stall_after)
         self.identity: Identity = current_identity()
@@ -128,6 +193,7 @@ class Session:
         self._stop = threading.Event()
         self._waiter_seq = itertools.count(1)
         self._hb_thread: threading.Thread | None = None
+        self._hb_proc: HeartbeatProcess | None = None
         self.started = time.time()
         self._deadline = 0.0
         self._open()
@@ -137,34 +203,35 @@ class Session:
     # -- lifecycle --------------------------------------------------------------
 
     def _keys(self) -> list[str]:
-        return [self.backend.sessions_key, self.backend.gone_key]
+        return session_keys(self.backend)
 
     def _open(self) -> None:
         sent = time.monotonic()
-        ttl_ms = int(self.ttl * 1000)
-        stall_ms = int(self.stall_after * 1000) if self.stall_after else 0
-        ident = self.identity
         self.backend.call(
             "session",
             self._keys(),
-            [
-                self.backend.prefix,
-                "open",
+            open_args(
+                self.backend,
                 self.id,
-                ttl_ms,
+                self.ttl,
                 self.name,
-                ident.host,
-                ident.boot_id,
-                ident.pid,
-                ident.start_ticks,
+                self.identity,
                 self.heartbeat,
-                stall_ms,
-            ],
+                self.stall_after,
+            ),
         )
         self._deadline = sent + self.ttl
-        t = threading.Thread(
-            target=self._beat_loop, name=f"procsync-heartbeat-{self.id[:8]}", daemon=True
-        )
+        if self.heartbeat == "process":
+            try:
+                self._start_heartbeat_process(sent)
+            except BaseException:
+                with contextlib.suppress(ServerError):
+                    self.backend.call("session", self._keys(), close_args(self.backend, self.id))
+                raise
+            target = self._watch_heartbeat_process
+        else:
+            target = self._beat_loop
+        t = threading.Thread(target=target, name=f"procsync-heartbeat-{self.id[:8]}", daemon=True)
         self._hb_thread = t
         t.start()
         log.debug("session %s opened on %s (ttl %.1fs)", self.id, self.backend.safe_url, self.ttl)
@@ -178,9 +245,7 @@ class Session:
             sent = time.monotonic()
             try:
                 reply = self.backend.call(
-                    "session",
-                    self._keys(),
-                    [self.backend.prefix, "beat", self.id, int(self.ttl * 1000), REAP_BATCH],
+                    "session", self._keys(), beat_args(self.backend, self.id, self.ttl)
                 )
             except ServerError as exc:
                 if time.monotonic() >= self._deadline:
@@ -191,8 +256,8 @@ class Session:
                 continue
             if reply[0] == "unknown":
                 self._lose(
-                    "the server no longer knows this session: its lease ran out "
-                    "or the server lost its data"
+                    "the server no longer knows this session: its lease ran out, "
+                    "the server lost its data, or an operator forced it"
                 )
                 return
             if time.monotonic() >= sent + self.ttl:
@@ -200,6 +265,95 @@ class Session:
                 return
             self._deadline = sent + self.ttl
             wait = period
+
+    def _renew_here(self) -> None:
+        """One renewal from this process (while a heartbeat process starts)."""
+        sent = time.monotonic()
+        args = beat_args(self.backend, self.id, self.ttl)
+        reply = self.backend.call("session", self._keys(), args)
+        if reply[0] == "unknown":
+            raise SessionLostError(f"session {self.id} ended before its heartbeat process started")
+        self._deadline = sent + self.ttl
+
+    def _start_heartbeat_process(self, opened: float) -> None:
+        """Start the heartbeat process and wait until it has confirmed a renewal,
+        renewing from here meanwhile (starting an interpreter may take longer than a
+        short ttl)."""
+        b, ident = self.backend, self.identity
+        hb = HeartbeatProcess(
+            {
+                "url": b.url,
+                "namespace": b.namespace,
+                "sid": self.id,
+                "ttl": self.ttl,
+                "opened": opened,
+                "parent_pid": ident.pid,
+                "parent_start": ident.start_ticks,
+                "boot_id": ident.boot_id,
+            }
+        )
+        try:
+            give_up = time.monotonic() + HEARTBEAT_PROCESS_START_S
+            period = self.ttl / 3.0
+            next_renewal = opened + period
+            while True:
+                now = time.monotonic()
+                if now >= give_up:
+                    raise ServerError(
+                        f"the heartbeat process did not start within {HEARTBEAT_PROCESS_START_S:g}s"
+                    )
+                if now >= next_renewal:
+                    self._renew_here()
+                    next_renewal = time.monotonic() + period
+                    continue
+                wait = min(next_renewal, give_up) - now
+                ready, _, _ = select.select([hb.wake_fd], [], [], wait)
+                if not ready:
+                    continue
+                news = hb.read_wake()
+                if hb.confirmed() is not None:
+                    break
+                reason = hb.lost_reason()
+                if not news or reason is not None:
+                    raise SessionLostError(
+                        f"the heartbeat process of session {self.id} failed to start: "
+                        f"{reason or 'it exited'}"
+                    )
+        except BaseException:
+            hb.stop()
+            raise
+        self._hb_proc = hb
+        self._current_deadline()
+
+    def _current_deadline(self) -> float:
+        """The client-side lease deadline, brought up to date from the heartbeat process."""
+        hb = self._hb_proc
+        if hb is not None:
+            sent = hb.confirmed()
+            if sent is not None and sent + self.ttl > self._deadline:
+                self._deadline = sent + self.ttl
+        return self._deadline
+
+    def _watch_heartbeat_process(self) -> None:
+        """Monitor thread of process mode: hear of a lost session (the heartbeat
+        process writes a byte), of its exit, or of the client-side deadline passing."""
+        hb = self._hb_proc
+        if hb is None:  # pragma: no cover - set before the thread starts
+            return
+        while not self._stop.is_set():
+            reason = hb.lost_reason()
+            if reason is not None:
+                self._lose(reason)
+                return
+            left = self._current_deadline() - time.monotonic()
+            if left <= 0:
+                self._lose(f"no heartbeat confirmed within the ttl ({self.ttl:g}s)")
+                return
+            ready, _, _ = select.select([hb.wake_fd], [], [], left)
+            if ready and not hb.read_wake():
+                if not self._stop.is_set():
+                    self._lose(hb.lost_reason() or "the heartbeat process exited")
+                return
 
     def _lose(self, reason: str) -> None:
         with self._lock:
@@ -235,9 +389,12 @@ class Session:
         self._stop.set()
         if os.getpid() != self.identity.pid:
             return  # a forked copy: the parent's session is not ours to end
+        hb = self._hb_proc
+        if hb is not None:
+            hb.stop()
         if self._lost_reason is None:
             with contextlib.suppress(ServerError):
-                self.backend.call("session", self._keys(), [self.backend.prefix, "close", self.id])
+                self.backend.call("session", self._keys(), close_args(self.backend, self.id))
         _uninstall_session(self)
 
     def __enter__(self) -> Session:
@@ -253,7 +410,15 @@ class Session:
         """True once the session's lease may have ended without a clean close."""
         if self._lost_reason is not None:
             return True
-        if not self._closed and time.monotonic() >= self._deadline:
+        if self._closed:
+            return False
+        hb = self._hb_proc
+        if hb is not None:
+            reason = hb.lost_reason()
+            if reason is not None:
+                self._lose(reason)
+                return True
+        if time.monotonic() >= self._current_deadline():
             self._lose(f"no heartbeat confirmed within the ttl ({self.ttl:g}s)")
             return True
         return False
@@ -272,6 +437,12 @@ class Session:
     def boot_id(self) -> str:
         return self.identity.boot_id
 
+    @property
+    def heartbeat_pid(self) -> int | None:
+        """Pid of the heartbeat process (``heartbeat="process"``), else None."""
+        hb = self._hb_proc
+        return hb.pid if hb is not None else None
+
     def on_lost(self, callback: Callable[[Session, str], None]) -> None:
         """Call ``callback(session, reason)`` (from the heartbeat thread) if the session
         is lost."""
@@ -279,7 +450,11 @@ class Session:
             self._on_lost.append(callback)
 
     def progress(self) -> None:
-        """Tell the registry the application made progress (see ``stall_after``)."""
+        """Tell the registry the application made progress (see ``stall_after``).
+
+        A session with ``stall_after`` that makes no progress call for that long is
+        reported ``stalled`` (event and state), and ``resumed`` at the next call.
+        ``beat`` is the same method."""
         reply = self.backend.call(
             "session", self._keys(), [self.backend.prefix, "progress", self.id]
         )
@@ -345,6 +520,7 @@ def _default_name() -> str:
 
 _sessions: dict[tuple[str, str], Session] = {}
 _sessions_lock = threading.Lock()
+_opening_lock = threading.Lock()
 _session_defaults: dict[str, Any] = {}
 
 
@@ -373,15 +549,18 @@ def session_for(backend: Backend) -> Session:
     s = _sessions.get(_key(backend))
     if s is not None and s.usable:
         return s
-    with _sessions_lock:
-        s = _sessions.get(_key(backend))
-        if s is not None and s.usable:
-            return s
-    fresh = Session(
-        url=backend.url, namespace=backend.namespace, _install=False, **_session_defaults
-    )
-    _install_session(fresh)
-    return fresh
+    # One opener at a time: threads racing through their first use must share one
+    # session, not each install their own (closing the one before, with its holds).
+    with _opening_lock:
+        with _sessions_lock:
+            s = _sessions.get(_key(backend))
+            if s is not None and s.usable:
+                return s
+        fresh = Session(
+            url=backend.url, namespace=backend.namespace, _install=False, **_session_defaults
+        )
+        _install_session(fresh)
+        return fresh
 
 
 def close_all() -> None:
@@ -395,13 +574,19 @@ def close_all() -> None:
         s.close()
 
 
-def configure(*, ttl: float | None = None, stall_after: float | None = None) -> None:
+def configure(
+    *, ttl: float | None = None, stall_after: float | None = None, heartbeat: str | None = None
+) -> None:
     """Defaults for the sessions this process opens from now on (``PROCSYNC_TTL`` is
     the environment's way to say the same)."""
     if ttl is not None:
         _session_defaults["ttl"] = check_ttl(ttl)
     if stall_after is not None:
         _session_defaults["stall_after"] = check_ttl(stall_after)
+    if heartbeat is not None:
+        if heartbeat not in HEARTBEAT_MODES:
+            raise ValueError(f"heartbeat must be 'thread' or 'process', got {heartbeat!r}")
+        _session_defaults["heartbeat"] = heartbeat
 
 
 def current_session(url: str | None = None, namespace: str | None = None) -> Session:
@@ -509,6 +694,14 @@ class PidWatcher:
                         log.warning("could not reap dead session %s", holder.sid, exc_info=True)
 
 
+def watch_session_process(backend: Backend, ident: HolderInfo) -> None:
+    """End the session ``ident`` (a process of this host) the moment its process exits.
+
+    The registry's readers use it for the sessions of their host that nobody waits
+    on; the session is ended only if its recorded identity still matches."""
+    _watcher().watch(ident.pid, ident.start_ticks, (backend, ident))
+
+
 _watcher_instance: PidWatcher | None = None
 _watcher_lock = threading.Lock()
 
@@ -525,12 +718,15 @@ def _watcher() -> PidWatcher:
 
 
 def _after_fork_in_child() -> None:
-    global _sessions_lock, _watcher_instance, _watcher_lock
+    global _opening_lock, _sessions_lock, _watcher_instance, _watcher_lock
     # The child owns nothing of its parent's: sessions, heartbeat, watcher all start over.
     _sessions_lock = threading.Lock()
+    _opening_lock = threading.Lock()
     _watcher_lock = threading.Lock()
     for s in _sessions.values():
         s._closed = True  # never close or renew the parent's session from here
+        if s._hb_proc is not None:
+            s._hb_proc.forget_after_fork()
     _sessions.clear()
     _watcher_instance = None
 

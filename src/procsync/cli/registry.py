@@ -414,7 +414,8 @@ def release(
 )
 @click.option("--seed", type=int, default=None)
 @_json_option
-@_server_options
+@click.option("--url", default=None, help="Server URL (default: $PROCSYNC_URL, else embedded).")
+@click.option("--namespace", default=None, help="Default: a fresh one, purged at the end.")
 def fleet(
     machines: int,
     procs: int,
@@ -470,6 +471,12 @@ def fleet(
             else f"[red]{result.false_deaths} false deaths[/]"
         )
         console.print(verdict)
+        if result.max_send_lag_s > ttl / 3:
+            console.print(
+                f"[yellow]the simulator fell behind its own schedule (renewals up to "
+                f"{result.max_send_lag_s:.2f}s late): deaths of unkilled sessions are the "
+                "simulator's; use --batch, more --workers or a longer --ttl[/]"
+            )
     if result.false_deaths or result.detected < result.killed:
         sys.exit(1)
 

@@ -34,15 +34,45 @@ class DemoInfo:
 #: Every demo, in the order ``procsync demo`` lists them.
 CATALOGUE: tuple[DemoInfo, ...] = (
     DemoInfo(
+        name="isolation",
+        summary="the notes' first program twice: multiprocessing prints 100, procsync.Value 0",
+        lesson="数据隔离, Value",
+        command="procsync.cli.demo:isolation",
+    ),
+    DemoInfo(
+        name="daemon",
+        summary="workers report alive through a daemon process; kill one, the registry sees it",
+        lesson="守护进程报活, Session",
+        command="procsync.cli.demo:daemon",
+    ),
+    DemoInfo(
+        name="server",
+        summary="a TCP ticket server, pre-fork or per connection, under load; a worker is killed",
+        lesson="socket server 多进程, Lock",
+        command="procsync.cli.demo:server",
+    ),
+    DemoInfo(
         name="tickets",
         summary="buyers race for tickets in SQLite; fencing tokens keep it exact under --chaos",
         lesson="抢票, Lock",
         command="procsync.cli.demo:tickets",
     ),
     DemoInfo(
+        name="ktv",
+        summary="10 people, a room for 3: a live timeline; server clocks prove never more than 3",
+        lesson="KTV, Semaphore",
+        command="procsync.cli.demo:ktv",
+    ),
+    DemoInfo(
+        name="traffic",
+        summary="a traffic light, cars and police cars; proves no car passed on red",
+        lesson="红绿灯, Event",
+        command="procsync.cli.demo:traffic",
+    ),
+    DemoInfo(
         name="fleet",
         summary="100 machines x 100 processes report alive; kills some, times the death reports",
-        lesson="守护进程报活, Session",
+        lesson="100台机器报活, Session",
         command="procsync.cli.registry:fleet",
     ),
 )

@@ -19,9 +19,13 @@ false deaths (a session that was not killed reported dead, or told "unknown" at 
 renewal: must be 0), renewals per second, and the server's CPU share (``INFO cpu``
 user+sys deltas over the wall time of the steady phase).
 
-``batch=True`` sends each worker's due renewals in one pipeline (still one script
-call per session): what a per-host heartbeat agent would do, and how the design
-reaches a million sessions (docs/liveness.md).
+Renewals due together in one worker go out in one pipeline (``batch=True``, the
+default; still one script call per session): what a per-host heartbeat agent would
+do, and how the design reaches a million sessions (docs/liveness.md). With
+``batch=False`` every renewal is its own round trip on a small pool of connections,
+which is closer to what the server pays for 10,000 separate processes, but costs
+the simulator ~120 µs of Python per renewal: at 10,000 sessions and ttl 5 s that is
+more than a 2-core machine has to spare, and ``max_send_lag_s`` says so.
 
 By default the fleet lives in a fresh namespace that is purged at the end: nothing
 is left on the server and ``procsync ps`` of other namespaces never sees it.
