@@ -30,12 +30,19 @@ _BOOT_ID: str | None = None
 
 
 def boot_id() -> str:
-    """The kernel's boot id (Linux), or a stable stand-in derived from the host name."""
+    """Where pids mean the same thing: the kernel's boot id plus this process's pid
+    namespace (containers on one kernel share the boot id but not pid numbers), or a
+    random stand-in where ``/proc`` is missing (no peer ever matches it)."""
     global _BOOT_ID
     if _BOOT_ID is None:
         try:
             with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-                _BOOT_ID = f.read().strip()
+                boot = f.read().strip()
+            try:
+                pidns = os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]"
+            except OSError:
+                pidns = "pid:?"
+            _BOOT_ID = f"{boot}/{pidns}"
         except OSError:
             # No /proc: same-host fast recovery is off (a stand-in never matches a peer's
             # real boot id by accident, and two hosts without /proc share nothing).

@@ -133,10 +133,13 @@ local function permits_dispatch(P, k, now)
     if alive(P, wsid, now) then
       v = v - 1
       local tok = next_token(P)
-      redis.call('HINCRBY', k, 'h:' .. wsid, 1)
+      if redis.call('HINCRBY', k, 'h:' .. wsid, 1) == 1 then
+        redis.call('HSET', k, 'a:' .. wsid, now)  -- holding since
+      end
       redis.call('HSET', k, 'v', v, 't', string.format('%d', tok))
       redis.call('HINCRBY', k, 'g', 1)
       redis.call('SADD', P .. 'h:' .. wsid, k)
+      redis.call('DEL', P .. 'in:' .. w)  -- watch notices are stale once granted
       push_grant(P, w, string.format('%d', tok))
       granted[w] = tok
       granted_sids[#granted_sids + 1] = wsid
@@ -190,7 +193,8 @@ local drop_session_from
 
 -- End session `sid`: its holds return, its waits vanish, its end is logged.
 -- why: 'died' (lease expired or process gone), 'left' (clean close), 'forced'.
-local function reap_session(P, sid, now, why)
+-- extra: optional flat list of more event fields (e.g. who forced it).
+local function reap_session(P, sid, now, why, extra)
   redis.call('ZREM', P .. 'sessions', sid)
   local hk = P .. 'h:' .. sid
   for _, k in ipairs(redis.call('SMEMBERS', hk)) do
@@ -204,7 +208,7 @@ local function reap_session(P, sid, now, why)
     redis.call('HSET', skey, 'state', state, 'ended', now)
     redis.call('PEXPIRE', skey, RETENTION_MS)
     redis.call('ZADD', P .. 'gone', now, sid)
-    log_event(P, why, sid, now)
+    log_event(P, why, sid, now, extra)
   end
 end
 
@@ -224,7 +228,7 @@ drop_session_from = function(P, k, sid, now)
   if kind == 'lock' or kind == 'rlock' or kind == 'sem' or kind == 'bsem' then
     local n = tonumber(redis.call('HGET', k, 'h:' .. sid) or '0')
     if n > 0 then
-      redis.call('HDEL', k, 'h:' .. sid)
+      redis.call('HDEL', k, 'h:' .. sid, 'a:' .. sid)
       redis.call('HINCRBY', k, 'v', n)
       redis.call('HINCRBY', k, 'r', n)
     end
@@ -318,7 +322,7 @@ local function permits_release(P, k, kind, init, sid, n, now)
   end
   if from_mine > 0 then
     if from_mine == mine then
-      redis.call('HDEL', k, 'h:' .. sid)
+      redis.call('HDEL', k, 'h:' .. sid, 'a:' .. sid)
       if not queued_in(q, sid) then redis.call('SREM', P .. 'h:' .. sid, k) end
     else
       redis.call('HINCRBY', k, 'h:' .. sid, -from_mine)

@@ -54,7 +54,7 @@ if op == 'acquire' and absent and init > 0 then
   if not alive(P, sid, now) then return {'nosession'} end
   local tok = next_token(P)
   redis.call('HSET', k, 'kind', kind, 'init', init, 'v', init - 1, 't', string.format('%d', tok),
-             'g', 1, 'r', 0, 'h:' .. sid, 1)
+             'g', 1, 'r', 0, 'h:' .. sid, 1, 'a:' .. sid, now)
   redis.call('SADD', P .. 'h:' .. sid, k)
   return {'ok', tok}
 end
@@ -91,7 +91,7 @@ if op == 'acquire' then
     local v = tonumber(redis.call('HGET', k, 'v'))
     if v > 0 and redis.call('LLEN', q) == 0 then
       local tok = next_token(P)
-      redis.call('HINCRBY', k, 'h:' .. sid, 1)
+      if redis.call('HINCRBY', k, 'h:' .. sid, 1) == 1 then redis.call('HSET', k, 'a:' .. sid, now) end
       redis.call('HSET', k, 'v', v - 1, 't', string.format('%d', tok))
       redis.call('HINCRBY', k, 'g', 1)
       redis.call('SADD', P .. 'h:' .. sid, k)

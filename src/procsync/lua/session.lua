@@ -139,7 +139,6 @@ end
 if op == 'force' then
   if not redis.call('ZSCORE', KEYS[1], sid) then return {'ok', 0} end
   redis.call('HSET', skey, 'forced_by', ARGV[4], 'forced_what', ARGV[5])
-  -- The extra fields reach the event once reap_session passes them to log_event.
   reap_session(P, sid, now, 'forced', {'by', ARGV[4], 'what', ARGV[5]})
   return {'ok', 1}
 end
