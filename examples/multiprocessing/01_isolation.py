@@ -6,10 +6,15 @@ deliberately "wrong" — that is the lesson: a global changed in a child is invi
 to every other process, so processes that must share data need another channel
 (a file, a socket, a server).
 
-There is no procsync version of this one yet: its procsync counterpart would share
-the counter through ``procsync.Value``, which does not exist yet.
+The procsync version is the way out: ``n`` is a ``procsync.Value`` kept in the
+server, the one ``n`` of every process, so the parent prints 0. Unlike the other
+examples it changes more than its import line, because a shared number is an object,
+not a global: ``n = Value("i", 100)``, ``n.value`` where the notes say ``n``, the
+read-modify-write under ``n.get_lock()``, and ``n`` handed to each child in
+``args`` — just what ``multiprocessing.Value`` asks for too.
 
     python examples/multiprocessing/01_isolation.py      # prints 100
+    python examples/procsync/01_isolation.py             # prints 0
 """
 
 from multiprocessing import Process

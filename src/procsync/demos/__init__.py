@@ -34,6 +34,12 @@ class DemoInfo:
 #: Every demo, in the order ``procsync demo`` lists them.
 CATALOGUE: tuple[DemoInfo, ...] = (
     DemoInfo(
+        name="tickets",
+        summary="buyers race for tickets in SQLite; fencing tokens keep it exact under --chaos",
+        lesson="抢票, Lock",
+        command="procsync.cli.demo:tickets",
+    ),
+    DemoInfo(
         name="isolation",
         summary="the notes' first program twice: multiprocessing prints 100, procsync.Value 0",
         lesson="数据隔离, Value",
@@ -50,12 +56,6 @@ CATALOGUE: tuple[DemoInfo, ...] = (
         summary="a TCP ticket server, pre-fork or per connection, under load; a worker is killed",
         lesson="socket server 多进程, Lock",
         command="procsync.cli.demo:server",
-    ),
-    DemoInfo(
-        name="tickets",
-        summary="buyers race for tickets in SQLite; fencing tokens keep it exact under --chaos",
-        lesson="抢票, Lock",
-        command="procsync.cli.demo:tickets",
     ),
     DemoInfo(
         name="ktv",
