@@ -274,6 +274,11 @@ class _Child:
                             # program or closed every descriptor. Nobody will use this
                             # session again: end it now rather than at the ttl.
                             poller.unregister(0)
+                            # A SIGKILLed parent's pipe closes a moment before its pid
+                            # is gone: give the pid a little time before telling apart
+                            # "died" from "dropped us while alive".
+                            if pidfd >= 0:
+                                select.select([pidfd], [], [], 0.2)
                             if self.parent_alive():
                                 log.warning("the parent dropped its heartbeat; ending session")
                             self.end_for_dead_parent()

@@ -42,6 +42,7 @@ class ValueRef:
     name: str
     pytype: type
     typecode: str | None
+    keep_ms: int = 0
 
     @property
     def key(self) -> str:
@@ -56,7 +57,7 @@ class ValueRef:
 
     def call(self, op: str, arg: str = "") -> Call:
         b = self.backend
-        return Call("value", (self.key,), (b.prefix, op, self.type_name, arg))
+        return Call("value", (self.key,), (b.prefix, op, self.type_name, arg, self.keep_ms))
 
 
 def encode(ref: ValueRef, value: object) -> str:

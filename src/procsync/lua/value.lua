@@ -5,6 +5,8 @@ ARGV[1]  P
 ARGV[2]  op         open | get | set | add | delete
 ARGV[3]  type       int | float | str | bytes
 ARGV[4]  value      (open: initial value, set) | delta (add)
+ARGV[5]  keep_ms    > 0: the value expires this long after its last open/set/add
+                    (anonymous values); 0: it stays until deleted
 
 Replies:
   open:   {'ok', v, created 0|1}   creates the value with ARGV[4] if absent
@@ -14,11 +16,17 @@ Replies:
   delete: {'ok', existed 0|1}
   any op: {'wrongtype', type} | {'conflict', kind, type}
 
-A Value is state that means something: it stays until deleted (no expiry).
+A named Value is state that means something: it stays until deleted. An anonymous
+one (random name, handed to children) expires keep_ms after its last write.
 ]]
 
 local k = KEYS[1]
 local op, typ, arg = ARGV[2], ARGV[3], ARGV[4]
+local keep = tonumber(ARGV[5] or '0')
+
+local function touch()
+  if keep > 0 then redis.call('PEXPIRE', k, keep) end
+end
 
 local ktype = redis.call('TYPE', k)['ok']
 if ktype ~= 'none' and ktype ~= 'hash' then return {'wrongtype', ktype} end
@@ -31,8 +39,10 @@ end
 if op == 'open' then
   if ktype == 'none' then
     redis.call('HSET', k, 'kind', 'value', 'type', typ, 'v', arg)
+    touch()
     return {'ok', arg, 1}
   end
+  touch()
   return {'ok', redis.call('HGET', k, 'v'), 0}
 end
 
@@ -43,13 +53,20 @@ end
 
 if op == 'set' then
   redis.call('HSET', k, 'kind', 'value', 'type', typ, 'v', arg)
+  touch()
   return {'ok'}
 end
 
 if op == 'add' then
   if ktype == 'none' then redis.call('HSET', k, 'kind', 'value', 'type', typ, 'v', 0) end
-  if typ == 'int' then return {'ok', redis.call('HINCRBY', k, 'v', arg)} end
-  return {'ok', redis.call('HINCRBYFLOAT', k, 'v', arg)}
+  local new
+  if typ == 'int' then
+    new = redis.call('HINCRBY', k, 'v', arg)
+  else
+    new = redis.call('HINCRBYFLOAT', k, 'v', arg)
+  end
+  touch()
+  return {'ok', new}
 end
 
 if op == 'delete' then

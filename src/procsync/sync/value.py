@@ -6,7 +6,7 @@ from typing import Any, final
 
 from procsync import _drivers
 from procsync.core import value as core
-from procsync.sync._base import Primitive
+from procsync.sync._base import ANON_KEEP_MS, Primitive
 from procsync.sync.lock import Lock, RLock
 
 __all__ = ["Value"]
@@ -47,7 +47,8 @@ class Value(Primitive):
     ``float``, ``str``, ``bytes`` (any length). Values travel as text, never pickles.
 
     Differences from multiprocessing: a named Value is state on the server — it keeps
-    its value across runs until :meth:`delete`; the initial value only creates it
+    its value across runs until :meth:`delete` (an anonymous one, ``Value("i")``,
+    expires a day after its last write); the initial value only creates it
     when absent (so a child or another program opening it never resets it).
     ``lock`` is True (an RLock named ``"<name>:lock"``), a procsync Lock/RLock, or
     False (then ``get_lock()`` raises AttributeError, as multiprocessing's raw value
@@ -94,7 +95,8 @@ class Value(Primitive):
             raise TypeError(f"lock must be True, False or a procsync Lock/RLock, not {lock!r}")
 
     def _make_ref(self, backend: Any) -> core.ValueRef:
-        return core.ValueRef(backend, self._name, self._pytype, self._typecode)
+        keep = ANON_KEEP_MS if self._anonymous else 0
+        return core.ValueRef(backend, self._name, self._pytype, self._typecode, keep)
 
     def _ctor(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         lock: bool | Lock | RLock = self._lock if self._lock is not None else False
