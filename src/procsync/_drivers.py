@@ -7,9 +7,10 @@ KeyboardInterrupt, task cancellation) is thrown into the generator at the step
 that was running, so the operation's own clean-up code runs (leaving a queue,
 giving back a permit granted meanwhile) before the exception continues.
 
-asyncio: a script call already sent is never abandoned half-way — cancellation
-waits for its reply (bounded by the socket timeout), then is thrown at the next
-step; if the operation completed with something to undo (a grant), ``undo`` runs
+asyncio: a script call or a pop already sent is never abandoned half-way — a
+cancellation waits for its reply (a pending pop is ended at once by pushing WAKE
+onto its own inbox), which goes to the operation as usual, and is then thrown in
+at the next step; if the operation completed with something to undo (a grant), ``undo`` runs
 it back before CancelledError propagates ("cancelled means it did not happen").
 """
 
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from procsync.backend.client import Backend
-from procsync.core.steps import Call, Op, Pop, SessionGone
+from procsync.core.steps import WAKE, Call, Op, Pop, SessionGone
 from procsync.session import Session, session_for
 
 __all__ = ["arun", "arun_with_session", "run", "run_with_session"]
@@ -97,7 +98,17 @@ async def arun(backend: Backend, op: Op, undo: Callable[[Any], Op | None] | None
                     result = await fut
                     cancelled = exc
             elif isinstance(step, Pop):
-                result = await backend.apop(step.key, step.timeout)
+                # A pop is not abandoned either: its reply may carry a grant. On
+                # cancellation, end it by pushing WAKE onto the same inbox, take
+                # whatever it returns, and deliver the cancellation at the next step.
+                pop = asyncio.ensure_future(backend.apop(step.key, step.timeout))
+                try:
+                    result = await asyncio.shield(pop)
+                except asyncio.CancelledError as exc:
+                    cancelled = exc
+                    if not pop.done():
+                        await backend.apush(step.key, WAKE)
+                    result = await pop
             else:  # pragma: no cover
                 raise TypeError(f"unknown step {step!r}")
         except BaseException as exc:

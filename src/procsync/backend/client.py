@@ -22,7 +22,7 @@ import threading
 import weakref
 from collections.abc import Sequence
 from typing import Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio
@@ -65,7 +65,13 @@ def redact_url(url: str) -> str:
         user = parts.username or ""
         host = netloc.rsplit("@", 1)[1]
         netloc = f"{user}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    # Rebuilt by hand: urlunsplit would turn "unix:///path" into "unix:/path".
+    out = f"{parts.scheme}://{netloc}{parts.path}"
+    if query:
+        out += f"?{query}"
+    if parts.fragment:
+        out += f"#{parts.fragment}"
+    return out
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -340,6 +346,20 @@ class Backend:
         except OSError as exc:
             self.translate(exc)
         return self._check_reply(script, reply)
+
+    async def apush(self, key: str, value: str, ttl_ms: int = 120_000) -> None:
+        """Push ``value`` onto list ``key`` (expiring after ``ttl_ms``): how a cancelled
+        waiter ends its own pending pop."""
+        cmd, _, _ = self._aset()
+        try:
+            async with cmd.pipeline(transaction=True) as pipe:
+                pipe.lpush(key, value)
+                pipe.pexpire(key, ttl_ms)
+                await pipe.execute()
+        except rex.RedisError as exc:
+            self.translate(exc)
+        except OSError as exc:
+            self.translate(exc)
 
     async def apop(self, key: str, timeout: float) -> str | None:
         """Async twin of :meth:`pop`."""

@@ -12,12 +12,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from procsync._identity import boot_id, pid_alive
 from procsync.backend.client import MAX_POP_SECONDS
 from procsync.core.permits import PermitsRef
-from procsync.core.steps import Call, Op, Pop, SessionGone, SessionView, check_common
+from procsync.core.steps import (
+    WAKE,
+    Call,
+    HolderInfo,
+    Op,
+    Pop,
+    SessionGone,
+    SessionView,
+    check_common,
+    parse_holders,
+    reap,
+)
 from procsync.errors import NotHeldError, ProtocolError
 
 __all__ = ["CondRef", "notify", "wait", "waiters"]
+
+#: How many times notify() passes on notifications that fell on dead waiters.
+MAX_NOTIFY_ROUNDS = 8
+
+
+def dead_on_this_host(sessions: list[HolderInfo]) -> list[HolderInfo]:
+    """The sessions among ``sessions`` whose process ran on this host and is gone."""
+    me = boot_id()
+    return [h for h in sessions if h.boot_id == me and not pid_alive(h.pid, h.start_ticks)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +91,7 @@ def wait(ref: CondRef, sess: SessionView, deadline: float | None, now: Any) -> O
             if left is not None and left <= 0:
                 break
             got = yield Pop(inbox, MAX_POP_SECONDS if left is None else min(left, MAX_POP_SECONDS))
-            if got is not None:
+            if got is not None and got != WAKE:
                 return True
     except BaseException:
         yield ref.call("cancel", sess.id, wid)
@@ -80,13 +101,29 @@ def wait(ref: CondRef, sess: SessionView, deadline: float | None, now: Any) -> O
 
 
 def notify(ref: CondRef, sess: SessionView | None, n: int) -> Op:
-    """Wake up to ``n`` live waiters (``n < 0``: all). Returns how many were woken."""
-    reply = yield ref.call("notify", sess.id if sess is not None else "-", n)
-    if reply[0] == "notheld":
-        raise NotHeldError(f"cannot notify on un-acquired lock of {ref.describe()}")
-    if reply[0] != "ok":
-        raise _unexpected(ref, reply)
-    return int(reply[1])
+    """Wake up to ``n`` live waiters (``n < 0``: all). Returns how many were woken.
+
+    A woken waiter on this host whose process is already dead (its lease not yet run
+    out) is reaped and the notification passes to the next waiter, as with threading
+    where a dead thread cannot be notified.
+    """
+    sid = sess.id if sess is not None else "-"
+    total = 0
+    for _ in range(MAX_NOTIFY_ROUNDS):
+        reply = yield ref.call("notify", sid, n)
+        if reply[0] == "notheld":
+            raise NotHeldError(f"cannot notify on un-acquired lock of {ref.describe()}")
+        if reply[0] != "ok":
+            raise _unexpected(ref, reply)
+        woken = parse_holders(reply[2:])
+        dead = dead_on_this_host(woken)
+        total += int(reply[1]) - len(dead)
+        if not dead or n < 0:
+            break
+        b = ref.lock.backend
+        yield from reap(b.prefix, b.sessions_key, b.gone_key, dead)
+        n = len(dead)
+    return total
 
 
 def waiters(ref: CondRef) -> Op:

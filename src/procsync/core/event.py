@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from procsync.backend.client import MAX_POP_SECONDS, Backend
-from procsync.core.steps import Call, Op, Pop, SessionGone, SessionView, check_common
+from procsync.core.steps import WAKE, Call, Op, Pop, SessionGone, SessionView, check_common
 from procsync.errors import ProtocolError
 
 __all__ = ["EventRef", "clear", "is_set", "set_", "wait"]
@@ -62,7 +62,7 @@ def wait(ref: EventRef, sess: SessionView, deadline: float | None, now: Any) -> 
             if left is not None and left <= 0:
                 break
             got = yield Pop(inbox, MAX_POP_SECONDS if left is None else min(left, MAX_POP_SECONDS))
-            if got is not None:
+            if got is not None and got != WAKE:
                 return True
             if left is None:
                 # A long wait: make sure we are still registered (session may have been

@@ -24,6 +24,7 @@ from typing import Any
 
 from procsync.backend.client import MAX_POP_SECONDS, Backend
 from procsync.core.steps import (
+    WAKE,
     Call,
     HolderInfo,
     Op,
@@ -86,6 +87,15 @@ def _token(value: Any) -> int:
         raise ProtocolError(f"malformed fencing token {value!r:.100}") from None
 
 
+def _parse_queued(reply: list[Any]) -> tuple[list[HolderInfo], list[HolderInfo]]:
+    """Split a 'queued' reply into the holders and the waiters just ahead."""
+    try:
+        n = int(reply[2])
+    except (IndexError, TypeError, ValueError):
+        raise ProtocolError(f"malformed queued reply {reply!r:.200}") from None
+    return parse_holders(reply[3 : 3 + 7 * n]), parse_holders(reply[3 + 7 * n :])
+
+
 def lease_left(server_now: Any, holders: list[HolderInfo]) -> float:
     """Seconds until the earliest holder lease ends, by the server's clock (no holder,
     e.g. a Semaphore(0) waiting for a release: the longest single pop)."""
@@ -130,8 +140,8 @@ def acquire(
                 check_common(reply, ref.describe)
                 raise ProtocolError(f"{ref.describe()}: unexpected reply {reply!r:.200}")
             queued = True
-            holders = parse_holders(reply[2:])
-            dead = sess.watch_holders(holders, inbox)
+            holders, ahead = _parse_queued(reply)
+            dead = sess.watch_holders(holders + ahead, inbox)
             if dead:
                 yield from reap(b.prefix, b.sessions_key, b.gone_key, dead)
                 reply = yield ref.call("acquire", sess.id, wid, 1)
@@ -149,7 +159,7 @@ def acquire(
                 if left is not None:
                     wait = min(wait, left)
                 got = yield Pop(inbox, wait)
-                if got is None:
+                if got is None or got == WAKE:
                     if deadline is not None and now() >= deadline:
                         continue  # the budget is spent: cancel at the top
                     break  # a lease may have ended: look again
@@ -178,7 +188,7 @@ def release(ref: PermitsRef, sess: SessionView | None, n: int, held_locally: boo
     not misuse.
     """
     sid = sess.id if sess is not None else "-"
-    reply = yield ref.call("release", sid, n)
+    reply = yield ref.call("release", sid, n, 1 if held_locally else 0)
     status = reply[0]
     if status == "ok":
         return int(reply[1])

@@ -9,6 +9,7 @@ from typing import Any, Protocol, TypeAlias
 from procsync.errors import ConflictError, ProtocolError, WrongTypeError
 
 __all__ = [
+    "WAKE",
     "Call",
     "HolderInfo",
     "Op",
@@ -23,6 +24,10 @@ __all__ = [
 ]
 
 ScriptArg: TypeAlias = "str | int | float"
+
+#: What a cancelled asyncio waiter pushes onto its own inbox to end its pending pop;
+#: a core operation that pops it just looks again (scripts never take it for a grant).
+WAKE = "wake"
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,12 +80,15 @@ local function identity_notice(P, sid)
     .. (id[4] or '')
 end
 
--- Empty a waiter's inbox; return the grant in it (a value that is not a notice), if any.
+-- Empty a waiter's inbox; return the grant in it, if any: any value but a watch notice
+-- ("w:...", "peer:...") or the "wake" a cancelled asyncio waiter pushes to end its pop.
 local function take_grant(P, wid)
   local inbox = P .. 'in:' .. wid
   local got = nil
   for _, v in ipairs(redis.call('LRANGE', inbox, 0, -1)) do
-    if not got and string.sub(v, 1, 2) ~= 'w:' and string.sub(v, 1, 5) ~= 'peer:' then got = v end
+    if not got and v ~= 'wake' and string.sub(v, 1, 2) ~= 'w:' and string.sub(v, 1, 5) ~= 'peer:' then
+      got = v
+    end
   end
   redis.call('DEL', inbox)
   return got
@@ -261,6 +264,16 @@ local function check_kind(k, kind, init)
     return {'conflict', s[1], s[2] or ''}
   end
   return nil, false
+end
+
+-- How many waiters just ahead of it a queued waiter watches.
+local WATCH_AHEAD = 4
+
+-- One session's identity in the holder format: sid, deadline, boot, pid, start, host, n.
+local function session_info(P, sid, n)
+  local d = redis.call('ZSCORE', P .. 'sessions', sid) or '0'
+  local id = redis.call('HMGET', P .. 's:' .. sid, 'boot', 'pid', 'start', 'host')
+  return {sid, tostring(d), id[1] or '', id[2] or '0', id[3] or '0', id[4] or '', n}
 end
 
 -- Identity of up to `limit` holders of k: flat list sid, deadline, boot, pid, start,

@@ -21,10 +21,11 @@ Replies:
   reset:   {'ok'}
   state:   {'ok', count, broken 0|1, why}
   any op:  {'wrongtype', type} | {'conflict', kind, parties}
-peers... are (sid, deadline, boot, pid, start, host, 1) of the earlier arrivals, so the
-newcomer can watch those on its host; the newcomer pushes "peer:<sid>" onto the inbox of
-the arrival just before it, which then watches it in turn. Every waiter thus watches its
-neighbours, and a party dying on the same host breaks the barrier at once.
+peers... is (sid, deadline, boot, pid, start, host, 1) of the arrival just before, for
+the newcomer to watch if on its host; the newcomer pushes "peer:<identity>" onto that
+arrival's inbox, which then watches it in turn (the last arrival too, when it runs the
+action). Every waiter thus watches both neighbours, and a party dying on the same host
+breaks the barrier at once.
 
 Inbox values: "go" (released), "broken", "peer:<sid>|<boot>|<pid>|<start>|<host>".
 States: filling (count < parties) -> running (action) -> filling of the next generation;
@@ -72,9 +73,15 @@ if op == 'wait' then
     return {'broken', redis.call('HGET', k, 'why') or ''}
   end
   local index = tonumber(redis.call('HGET', k, 'count'))
+  local prev = redis.call('LINDEX', a, -1)
+  local function tell_prev()
+    -- The arrival just before watches this one (same-host crash breaks at once).
+    if prev then push_grant(P, prev, 'peer:' .. identity_notice(P, sid)) end
+  end
   if index + 1 >= parties then
     redis.call('HSET', k, 'count', 0)
     if ARGV[6] == '1' then
+      tell_prev()  -- the action's runner may die too
       -- The arrivals wait in :r while the last party runs the action.
       if redis.call('LLEN', a) > 0 then
         for _, w in ipairs(redis.call('LRANGE', a, 0, -1)) do redis.call('RPUSH', r, w) end
@@ -88,24 +95,13 @@ if op == 'wait' then
     maybe_delete()
     return {'go', index}
   end
-  local prev = redis.call('LINDEX', a, -1)
+  -- The arrival just before us is our neighbour to watch; it is told of us in turn.
   local peers = {}
-  for _, w in ipairs(redis.call('LRANGE', a, 0, -1)) do
-    local wsid = sid_of(w)
-    local d = redis.call('ZSCORE', P .. 'sessions', wsid) or '0'
-    local id = redis.call('HMGET', P .. 's:' .. wsid, 'boot', 'pid', 'start', 'host')
-    for _, x in ipairs({wsid, tostring(d), id[1] or '', id[2] or '0', id[3] or '0', id[4] or '', 1}) do
-      peers[#peers + 1] = x
-    end
-  end
+  if prev then peers = session_info(P, sid_of(prev), 1) end
   redis.call('RPUSH', a, ARGV[4])
   redis.call('HSET', k, 'count', index + 1)
   redis.call('SADD', P .. 'h:' .. sid, k)
-  if prev then
-    local me = redis.call('HMGET', P .. 's:' .. sid, 'boot', 'pid', 'start', 'host')
-    push_grant(P, prev, 'peer:' .. sid .. '|' .. (me[1] or '') .. '|' .. (me[2] or '0') .. '|'
-               .. (me[3] or '0') .. '|' .. (me[4] or ''))
-  end
+  tell_prev()
   local out = {'wait', index}
   for _, x in ipairs(peers) do out[#out + 1] = x end
   return out

@@ -15,13 +15,15 @@ ARGV[5]  lock kind  lock | rlock
 Replies:
   wait:    {'waiting'} | {'notheld'} | {'nosession'}
   cancel:  {'notified'} (a notify arrived first) | {'cancelled'}
-  notify:  {'ok', woken} | {'notheld'}
+  notify:  {'ok', woken, woken sessions...} | {'notheld'}   (holder format, see permits.lua)
   waiters: {'ok', n}
   any op:  {'wrongtype', type} | {'conflict', kind, init}
 
 `wait` joins the waiters and releases the lock in one script, so no notify can fall
 between the two (no lost wake-up). `notify(n)` wakes the first n *live* waiters; a
-waiter whose session died is skipped and the notification passes to the next one.
+waiter whose session ended is skipped and the notification passes to the next one. The
+reply names the woken sessions, so the caller can see one on its host whose process
+died with its lease still running, reap it, and notify once more in its place.
 ]]
 
 local k, w, lk = KEYS[1], KEYS[2], KEYS[3]
@@ -68,6 +70,7 @@ if op == 'notify' then
   if not lock_held() then return {'notheld'} end
   local n = tonumber(ARGV[4])
   local woken = 0
+  local who = {}
   while n < 0 or woken < n do
     local x = redis.call('LPOP', w)
     if not x then break end
@@ -75,11 +78,14 @@ if op == 'notify' then
     if alive(P, xsid, now) then
       push_grant(P, x, 'n')
       woken = woken + 1
+      for _, f in ipairs(session_info(P, xsid, 1)) do who[#who + 1] = f end
     end
     if not queued_in(w, xsid) then redis.call('SREM', P .. 'h:' .. xsid, k) end
   end
   if redis.call('LLEN', w) == 0 then redis.call('DEL', k) end
-  return {'ok', woken}
+  local out = {'ok', woken}
+  for _, f in ipairs(who) do out[#out + 1] = f end
+  return out
 end
 
 return redis.error_reply('procsync: unknown cond op ' .. tostring(op))

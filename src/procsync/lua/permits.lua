@@ -10,12 +10,13 @@ ARGV[3]  kind       lock | rlock | sem | bsem
 ARGV[4]  init       initial number of permits (1 for locks)
 ARGV[5]  sid        caller's session id
 ARGV[6]  wid        caller's waiter id (acquire, cancel)   | n permits (release)
-ARGV[7]  blocking   1 / 0 (acquire)
+ARGV[7]  blocking   1 / 0 (acquire) | held: 1 if the caller believes it holds permits (release)
 
 Replies (first element is the status):
-  acquire: {'ok', token} | {'busy', now_ms, holders...} | {'queued', now_ms, holders...}
-           | {'nosession'}
+  acquire: {'ok', token} | {'busy', now_ms, holders...}
+           | {'queued', now_ms, n_holders, holders..., waiters ahead...} | {'nosession'}
   release: {'ok', woken} | {'notheld'} | {'notowner', holders...} | {'overrelease'}
+           ({'notheld'} also for a semaphore whose caller lost the permits it held)
   cancel:  {'ok', token}  (granted before the cancel arrived) | {'cancelled'}
   state:   {'state', v, init, last_token, grants, reclaimed, queue_len, holders...}
   any op:  {'wrongtype', type} | {'conflict', kind, init}
@@ -23,7 +24,8 @@ A queued waiter's inbox receives its token (digits) when granted, and notices
 "w:<sid>|<boot>|<pid>|<start>|<host>" naming a new holder to watch when it becomes the
 head of the queue.
 holders... is a flat list of (sid, deadline_ms, boot_id, pid, start_ticks, host, permits),
-at most 32 holders.
+at most 32 holders; "waiters ahead" are the (at most WATCH_AHEAD) waiters queued just
+before the caller, in the same format with 0 permits.
 
 States: absent (all free, nobody waits) -> held (v < init or waiters) -> absent.
 Invariants: v + sum(h:*) == init for lock, rlock, bsem; a grant always goes to the
@@ -86,6 +88,10 @@ if op == 'acquire' then
   if not alive(P, sid, now) then return {'nosession'} end
   ensure()
   permits_reap_dead_holders(P, k, now)
+  -- A grant that reached this waiter's inbox before this call (the reaping just now,
+  -- or a release while its pop was timing out) is its answer: never queue it again.
+  local pending = take_grant(P, wid)
+  if pending then return {'ok', tonumber(pending)} end
   ensure()
   if not redis.call('LPOS', q, wid) then
     local v = tonumber(redis.call('HGET', k, 'v'))
@@ -111,8 +117,19 @@ if op == 'acquire' then
     redis.call('DEL', P .. 'in:' .. wid)
     return {'ok', granted[wid]}
   end
-  local out = {'queued', now}
-  for _, x in ipairs(holders_info(P, k, 32)) do out[#out + 1] = x end
+  -- The holders, then the few waiters just ahead: a waiter watches them all, so a
+  -- crash of any of them on its host is noticed at once, not at a lease end.
+  local hs = holders_info(P, k, 32)
+  local out = {'queued', now, #hs / 7}
+  for _, x in ipairs(hs) do out[#out + 1] = x end
+  local pos = redis.call('LPOS', q, wid)
+  if pos and pos > 0 then
+    local lo = pos - WATCH_AHEAD
+    if lo < 0 then lo = 0 end
+    for _, w in ipairs(redis.call('LRANGE', q, lo, pos - 1)) do
+      for _, x in ipairs(session_info(P, sid_of(w), 0)) do out[#out + 1] = x end
+    end
+  end
   return out
 end
 
@@ -132,6 +149,12 @@ if op == 'cancel' then
 end
 
 if op == 'release' then
+  -- A caller that believes it holds permits, but holds none here, lost them (its
+  -- session ended): say so instead of treating it as a release by a non-holder.
+  if ARGV[7] == '1' and (kind == 'sem' or kind == 'bsem')
+     and tonumber(redis.call('HGET', k, 'h:' .. sid) or '0') == 0 then
+    return {'notheld'}
+  end
   return permits_release(P, k, kind, init, sid, tonumber(ARGV[6]), now)
 end
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from procsync._config import env_namespace, env_url
 from procsync._validate import check_name, check_namespace
 from procsync.backend.client import Backend, get_backend
 from procsync.core.steps import HolderInfo
@@ -42,9 +43,14 @@ class Holder:
         return cls(h.sid, h.host, h.pid, h.permits, h.deadline_ms / 1000.0)
 
 
-def rebuild(cls: type[Primitive], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Primitive:
-    """Unpickle a primitive: open the same name on the same server."""
-    return cls(*args, **kwargs)
+def rebuild(
+    cls: type[Primitive], args: tuple[Any, ...], kwargs: dict[str, Any], anonymous: bool = False
+) -> Primitive:
+    """Unpickle a primitive: open the same name on the same server (an anonymous one
+    stays anonymous: its state still expires)."""
+    obj = cls(*args, **kwargs)
+    obj._anonymous = anonymous
+    return obj
 
 
 class Primitive:
@@ -90,8 +96,13 @@ class Primitive:
 
     def __reduce__(self) -> tuple[Any, ...]:
         args, kwargs = self._ctor()
-        kwargs = dict(kwargs, url=self._url, namespace=self._namespace)
-        return (rebuild, (type(self), args, kwargs))
+        # The server as resolved here: a child whose environment differs (a forkserver
+        # started earlier, another PROCSYNC_URL) must still meet the same primitive.
+        # None stays None only for the embedded server, which is per user anyway.
+        url = self._backend.url if self._backend is not None else (self._url or env_url())
+        namespace = self._namespace if self._namespace is not None else env_namespace()
+        kwargs = dict(kwargs, url=url, namespace=namespace)
+        return (rebuild, (type(self), args, kwargs, self._anonymous))
 
     def _where(self) -> str:
         return "" if self._backend is None else f" at {self._backend.safe_url}"

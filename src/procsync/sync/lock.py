@@ -14,7 +14,7 @@ from procsync import _drivers
 from procsync._validate import check_timeout
 from procsync.core import permits
 from procsync.core.steps import Op
-from procsync.errors import LockLostError, NotHeldError, ServerError
+from procsync.errors import LockLostError, NotHeldError, NotOwnerError, ServerError
 from procsync.session import Session, _key, _sessions
 from procsync.sync._base import Holder, HoldRecord, Primitive
 
@@ -261,7 +261,15 @@ class RLock(_LockBase):
         """Leave one level; the last one releases the lock on the server."""
         if not self._mine():
             if self._hold.count > 0:
-                raise NotHeldError("cannot release un-acquired lock: another thread holds it")
+                raise NotOwnerError(
+                    f"cannot release RLock {self._name!r}: thread {self._owner_thread} holds it"
+                )
+            owner = self.owner()
+            if owner is not None:
+                raise NotOwnerError(
+                    f"cannot release RLock {self._name!r}: held by pid {owner.pid} on "
+                    f"{owner.host} (session {owner.session_id[:8]})"
+                )
             raise NotHeldError(f"cannot release un-acquired RLock {self._name!r}")
         if self._depth > 1:
             self._depth -= 1

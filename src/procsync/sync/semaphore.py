@@ -12,6 +12,7 @@ from procsync import _drivers
 from procsync._validate import check_permits, check_timeout
 from procsync.core import permits
 from procsync.core.steps import Op
+from procsync.errors import LockLostError
 from procsync.session import Session, _key, _sessions
 from procsync.sync._base import Holder, HoldRecord, Primitive
 
@@ -90,9 +91,19 @@ class SemaphoreCommon(Primitive):
             raise ValueError("n must be one or more")
         check_permits(n, "n")
         ref = self.ref
-        sess = self._hold.session if self._hold.count else _sessions.get(_key(ref.backend))
-        yield from permits.release(ref, sess, n, False)
-        self._hold.released(n)
+        hold = self._hold
+        held = hold.count > 0
+        lost = hold.lost()
+        if held and lost is not None:
+            hold.clear()
+            raise LockLostError(f"{ref.describe()}: the permits held here were lost: {lost}")
+        sess = hold.session if held else _sessions.get(_key(ref.backend))
+        try:
+            yield from permits.release(ref, sess, n, held)
+        except LockLostError:
+            hold.clear()
+            raise
+        hold.released(n)
         return None
 
     @property
