@@ -39,3 +39,18 @@ typecheck: dev
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: bench bench-quick
+
+## Benchmarks against every peer (about 10 minutes): raw JSON in benchmarks/results/,
+## table and DESIGN targets in docs/benchmarks.md. Peers come from the `bench` extra.
+bench: $(VENV)/.installed-dev
+	@$(BIN)/python -c "import filelock, portalocker, redis_lock, pottery" 2>/dev/null \
+	  || $(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks
+
+## The one-minute smoke run of the same benchmarks (prints; leaves the docs alone).
+bench-quick: $(VENV)/.installed-dev
+	@$(BIN)/python -c "import filelock, portalocker, redis_lock, pottery" 2>/dev/null \
+	  || $(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks --quick

@@ -9,7 +9,7 @@ standard exception, so code written for the standard library keeps catching it::
     │   └── NotOwnerError                          ... held, but by another process or thread
     ├── OverReleaseError(ValueError)               BoundedSemaphore released above its value
     ├── BrokenBarrierError(threading.BrokenBarrierError)
-    ├── ConflictError(ValueError)                  same name opened as another kind / value
+    ├── ConflictError(ValueError)                  same name and kind, another value / parties
     ├── LockLostError                              a hold ended without release (ttl passed,
     │                                              server lost its state, operator forced it)
     ├── SessionLostError                           the process's session ended under it
@@ -72,10 +72,13 @@ class BrokenBarrierError(ProcsyncError, threading.BrokenBarrierError):
 
 
 class ConflictError(ProcsyncError, ValueError):
-    """A name is already used by a primitive of another kind or shape.
+    """A name is already in use by a primitive of the same kind but another shape.
 
-    For example ``Semaphore(3, name="x")`` while ``x`` exists as ``Semaphore(5)``,
-    or ``Lock("x")`` while ``x`` is an Event.
+    For example ``Semaphore(3, name="x")`` while ``x`` is in use as ``Semaphore(5)``,
+    ``Barrier(4, name="b")`` while ``b`` has 3 parties, or ``Value("i", name="v")``
+    while ``v`` holds a float. Each kind has its own names (``Lock("x")`` and
+    ``Event("x")`` are two primitives, as two files in two folders), except that
+    ``Lock`` and ``RLock`` of one name are the same lock.
     """
 
 
