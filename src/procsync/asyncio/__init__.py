@@ -283,6 +283,11 @@ class Barrier(BarrierCommon):
     The same barrier as :class:`procsync.Barrier` of the same name and parties. It
     breaks when a waiting party's process dies. ``action`` and ``timeout`` are
     accepted as in :class:`procsync.Barrier` (asyncio's Barrier has neither).
+
+    Difference from asyncio: a cancelled ``wait()`` breaks the barrier for every
+    party (threading's rule for an interrupted wait), where asyncio's Barrier lets
+    the cancelled task leave: across processes, the others cannot tell a task that
+    left from one that died.
     """
 
     __slots__ = ()
