@@ -24,6 +24,7 @@ from procsync import (
     ServerUnavailableError,
     WrongTypeError,
 )
+from procsync.core.steps import side_key
 from procsync.testing import ServerProcess
 
 pytest_plugins = ["helpers.fixtures"]
@@ -219,39 +220,25 @@ def test_a_foreign_value_at_our_key_is_wrong_type_and_left_alone(
     assert set(leftover_keys(raw)) <= {key}
 
 
-SIDE_KEY_BUG = pytest.mark.xfail(
-    reason="BUG: only KEYS[1] is type-checked; a foreign value at the queue / waiter "
-    "list key fails the script half-way, after it changed the state key",
-    strict=True,
-)
-
-
 @pytest.mark.parametrize(
-    ("suffix", "call", "kind"),
+    ("tag", "call", "kind"),
     [
-        pytest.param(
-            ":q", lambda: Lock("x").acquire(timeout=1), "lock", id="lock", marks=SIDE_KEY_BUG
-        ),
-        pytest.param(
-            ":q",
-            lambda: Semaphore(2, name="x").acquire(timeout=1),
-            "sem",
-            id="sem",
-            marks=SIDE_KEY_BUG,
-        ),
-        pytest.param(":w", lambda: Event("x").set(), "event", id="event-set", marks=SIDE_KEY_BUG),
-        pytest.param(":w", lambda: Event("x").wait(0.1), "event", id="event-wait"),
+        pytest.param("q", lambda: Lock("x").acquire(timeout=1), "lock", id="lock"),
+        pytest.param("q", lambda: Semaphore(2, name="x").acquire(timeout=1), "sem", id="sem"),
+        pytest.param("w", lambda: Event("x").set(), "event", id="event-set"),
+        pytest.param("w", lambda: Event("x").wait(0.1), "event", id="event-wait"),
     ],
 )
 def test_a_foreign_value_at_our_side_key_changes_nothing(
-    ps_url: str, raw: redis.Redis, suffix: str, call: Callable[[], Any], kind: str
+    ps_url: str, raw: redis.Redis, tag: str, call: Callable[[], Any], kind: str
 ) -> None:
-    side = state_key(kind, "x") + suffix
+    state = state_key(kind, "x")
+    side = side_key(state[: -len(f"{kind}:x")], kind, tag, "x")
     raw.set(side, "someone else's")
     with pytest.raises(WrongTypeError):
         call()
     assert raw.get(side) == "someone else's"
-    assert not raw.exists(state_key(kind, "x"))  # nothing half-done
+    assert not raw.exists(state)  # nothing half-done
 
 
 # -- names in use with another shape ----------------------------------------------------------

@@ -241,10 +241,6 @@ def test_odd_names_work_and_round_trip(ps_url: str, raw: redis.Redis, name: str)
     assert raw.get("bystander") == "still here"
 
 
-@pytest.mark.xfail(
-    reason="BUG: the state key of Lock 'x:q' is the queue key of Lock 'x'",
-    strict=True,
-)
 def test_lock_names_never_collide_with_internal_keys(ps_url: str) -> None:
     """While Lock "x" has a waiter (so its queue exists), Lock "x:q" is just another
     lock."""
@@ -261,10 +257,6 @@ def test_lock_names_never_collide_with_internal_keys(ps_url: str) -> None:
         base.release()
 
 
-@pytest.mark.xfail(
-    reason="BUG: the state key of Event 'e:w' is the waiter list of Event 'e'",
-    strict=True,
-)
 def test_event_names_never_collide_with_internal_keys(ps_url: str) -> None:
     """While Event "e" has a waiter (so its waiter list exists), Event "e:w" is just
     another event."""

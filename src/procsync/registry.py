@@ -61,7 +61,7 @@ import redis.exceptions as rex
 from procsync._identity import boot_id as _boot_id
 from procsync._identity import pid_alive
 from procsync.backend.client import MAX_POP_SECONDS, Backend, get_backend
-from procsync.core.steps import Call, HolderInfo, reap
+from procsync.core.steps import Call, HolderInfo, reap, side_key
 from procsync.errors import NotHeldError, ProtocolError
 from procsync.session import session_keys, watch_session_process
 
@@ -109,13 +109,13 @@ KINDS: Final[Mapping[str, str]] = {
 _PERMIT_KINDS: Final = frozenset({"lock", "rlock", "sem", "bsem"})
 #: The waiter lists of each kind, in the order they are served.
 _LISTS: Final[Mapping[str, tuple[str, ...]]] = {
-    "lock": (":q",),
-    "rlock": (":q",),
-    "sem": (":q",),
-    "bsem": (":q",),
-    "event": (":w",),
-    "cond": (":w",),
-    "barrier": (":a", ":r"),
+    "lock": ("q",),
+    "rlock": ("q",),
+    "sem": ("q",),
+    "bsem": ("q",),
+    "event": ("w",),
+    "cond": ("w",),
+    "barrier": ("a", "r"),
 }
 
 #: Sessions one sweep script may end (the heartbeat's batch too).
@@ -895,11 +895,12 @@ def _primitives_op(
     if not found:
         return []
     reads = []
-    for key, k, _ in found:
+    for key, k, n in found:
         reads.append(_cmd("hgetall", key))
-        for suffix in _LISTS.get(k, ()):
-            reads.append(_cmd("lrange", key + suffix, 0, MAX_WAITERS_LISTED - 1))
-            reads.append(_cmd("llen", key + suffix))
+        for tag in _LISTS.get(k, ()):
+            lst = side_key(b.prefix, k, tag, n)
+            reads.append(_cmd("lrange", lst, 0, MAX_WAITERS_LISTED - 1))
+            reads.append(_cmd("llen", lst))
     replies = iter((yield _Read(tuple(reads))))
     raw = []
     sids: set[str] = set()

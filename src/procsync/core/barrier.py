@@ -24,6 +24,7 @@ from procsync.core.steps import (
     parse_holders,
     parse_notice,
     reap,
+    side_key,
 )
 from procsync.errors import BrokenBarrierError, ProtocolError
 
@@ -49,7 +50,12 @@ class BarrierRef:
         b = self.backend
         return Call(
             "barrier",
-            (self.key, self.key + ":a", self.key + ":r", b.sessions_key),
+            (
+                self.key,
+                side_key(b.prefix, "barrier", "a", self.name),
+                side_key(b.prefix, "barrier", "r", self.name),
+                b.sessions_key,
+            ),
             (b.prefix, op, sid, wid, self.parties, has_action),
         )
 

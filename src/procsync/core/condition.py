@@ -26,6 +26,7 @@ from procsync.core.steps import (
     check_common,
     parse_holders,
     reap,
+    side_key,
 )
 from procsync.errors import NotHeldError, ProtocolError
 
@@ -60,7 +61,14 @@ class CondRef:
         lk = self.lock.key
         return Call(
             "cond",
-            (self.key, self.key + ":w", lk, lk + ":q", b.sessions_key, b.fence_key),
+            (
+                self.key,
+                side_key(b.prefix, "cond", "w", self.name),
+                lk,
+                self.lock.queue_key,
+                b.sessions_key,
+                b.fence_key,
+            ),
             (b.prefix, op, sid, arg, self.lock.kind),
         )
 

@@ -10,7 +10,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from procsync.backend.client import MAX_POP_SECONDS, Backend
-from procsync.core.steps import WAKE, Call, Op, Pop, SessionGone, SessionView, check_common
+from procsync.core.steps import (
+    WAKE,
+    Call,
+    Op,
+    Pop,
+    SessionGone,
+    SessionView,
+    check_common,
+    side_key,
+)
 from procsync.errors import ProtocolError
 
 __all__ = ["EventRef", "clear", "is_set", "set_", "wait"]
@@ -34,7 +43,9 @@ class EventRef:
     def call(self, op: str, sid: str, *extra: str | int) -> Call:
         b = self.backend
         return Call(
-            "event", (self.key, self.key + ":w", b.sessions_key), (b.prefix, op, sid, *extra)
+            "event",
+            (self.key, side_key(b.prefix, "event", "w", self.name), b.sessions_key),
+            (b.prefix, op, sid, *extra),
         )
 
 

@@ -35,6 +35,7 @@ from procsync.core.steps import (
     parse_holders,
     parse_notice,
     reap,
+    side_key,
 )
 from procsync.errors import (
     LockLostError,
@@ -65,6 +66,10 @@ class PermitsRef:
     def key(self) -> str:
         return f"{self.backend.prefix}{self.kind}:{self.name}"
 
+    @property
+    def queue_key(self) -> str:
+        return side_key(self.backend.prefix, self.kind, "q", self.name)
+
     def describe(self) -> str:
         return f"{KINDS[self.kind]} {self.name!r}"
 
@@ -72,7 +77,7 @@ class PermitsRef:
         b = self.backend
         return Call(
             "permits",
-            (self.key, self.key + ":q", b.sessions_key, b.fence_key),
+            (self.key, self.queue_key, b.sessions_key, b.fence_key),
             (b.prefix, op, self.kind, self.init, sid, *extra),
         )
 

@@ -21,6 +21,7 @@ __all__ = [
     "parse_holders",
     "parse_notice",
     "reap",
+    "side_key",
 ]
 
 ScriptArg: TypeAlias = "str | int | float"
@@ -101,6 +102,13 @@ def reap(prefix: str, sessions_key: str, gone_key: str, dead: list[HolderInfo]) 
         )
         n += 1 if len(reply) > 1 and str(reply[1]) == "1" else 0
     return n
+
+
+def side_key(prefix: str, kind: str, tag: str, name: str) -> str:
+    """A primitive's queue or waiter list: ``<prefix><kind>/<tag>:<name>`` (the Lua
+    ``side()``). State keys are ``<prefix><kind>:<name>``; no kind contains ``/``,
+    so no name can make a state key that is another primitive's list."""
+    return f"{prefix}{kind}/{tag}:{name}"
 
 
 def parse_notice(text: str, prefix: str) -> HolderInfo | None:

@@ -9,6 +9,8 @@ touch a primitive and the session registry together.
   P.."s:"..sid         HASH  session identity and state                     [derived]
   P.."h:"..sid         SET   state keys this session holds or waits in      [derived]
   P.."in:"..wid        LIST  one waiter's inbox: grants are pushed here     [derived]
+  P..kind.."/"..tag..":"..name  LIST  a primitive's queue / waiter lists (tag q, w,
+                       a, r; see side()); no name can produce such a key    [declared]
   P.."events"          STREAM joined / left / died / stalled / forced       [derived]
   P.."gone"            ZSET  ended session id -> end time (retention index) [derived]
 
@@ -39,6 +41,15 @@ local function sid_of(wid)
   local i = string.find(wid, '/', 1, true)
   if i then return string.sub(wid, 1, i - 1) end
   return wid
+end
+
+-- Side key `tag` (q: queue, w: waiters, a/r: barrier arrivals) of state key k, as
+-- "<P><kind>/<tag>:<name>". No name can forge it: state keys are "<P><kind>:<name>"
+-- and no kind contains "/".
+local function side(P, k, tag)
+  local rest = string.sub(k, #P + 1)
+  local i = string.find(rest, ':', 1, true)
+  return P .. string.sub(rest, 1, i - 1) .. '/' .. tag .. ':' .. string.sub(rest, i + 1)
 end
 
 -- The deadline of a live session, or nil when it is unknown or expired.
@@ -109,23 +120,27 @@ local function queued_in(q, sid)
   return false
 end
 
--- Remove every entry of session `sid` from list `q`.
-local function unqueue_session(q, sid)
+-- Remove every entry of session `sid` from list `q`, and their inboxes.
+local function unqueue_session(P, q, sid)
   local prefix = sid .. '/'
   for _, w in ipairs(redis.call('LRANGE', q, 0, -1)) do
-    if string.sub(w, 1, #prefix) == prefix then redis.call('LREM', q, 0, w) end
+    if string.sub(w, 1, #prefix) == prefix then
+      redis.call('LREM', q, 0, w)
+      redis.call('DEL', P .. 'in:' .. w)
+    end
   end
 end
 
 --------------------------------------------------------------------------------
 -- Permit primitives (Lock, RLock, Semaphore, BoundedSemaphore) share one state:
 --   HASH k: kind, init, v (free permits), t (last token), g (grants),
---           r (permits reclaimed from dead holders), "h:"..sid -> permits held
---   LIST k..":q": FIFO of waiter ids
+--           r (permits reclaimed from dead holders), "h:"..sid -> permits held,
+--           "a:"..sid -> held since (ms), "i:"..sid -> inbox of its latest grant
+--   LIST side(P, k, 'q'): FIFO of waiter ids
 -- A permit primitive with every permit free and no waiter has no key.
 
 local function permits_dispatch(P, k, now)
-  local q = k .. ':q'
+  local q = side(P, k, 'q')
   local v = tonumber(redis.call('HGET', k, 'v'))
   local granted = {}
   local granted_sids = {}
@@ -139,6 +154,7 @@ local function permits_dispatch(P, k, now)
       if redis.call('HINCRBY', k, 'h:' .. wsid, 1) == 1 then
         redis.call('HSET', k, 'a:' .. wsid, now)  -- holding since
       end
+      redis.call('HSET', k, 'i:' .. wsid, w)  -- its inbox, dropped if the holder dies
       redis.call('HSET', k, 'v', v, 't', string.format('%d', tok))
       redis.call('HINCRBY', k, 'g', 1)
       redis.call('SADD', P .. 'h:' .. wsid, k)
@@ -160,9 +176,9 @@ local function permits_dispatch(P, k, now)
 end
 
 -- Delete a permit primitive whose every permit is free and that nobody waits for.
-local function permits_maybe_delete(k)
+local function permits_maybe_delete(P, k)
   local s = redis.call('HMGET', k, 'v', 'init')
-  if s[1] and tonumber(s[1]) == tonumber(s[2]) and redis.call('LLEN', k .. ':q') == 0 then
+  if s[1] and tonumber(s[1]) == tonumber(s[2]) and redis.call('LLEN', side(P, k, 'q')) == 0 then
     for _, f in ipairs(redis.call('HKEYS', k)) do
       if string.sub(f, 1, 2) == 'h:' then return false end
     end
@@ -174,12 +190,12 @@ end
 
 --------------------------------------------------------------------------------
 -- Barrier: HASH k: kind="barrier", init=parties, count (arrived this generation),
--- gen, broken "0"|"1", runner (sid running the action) ; LIST k..":a" arrivals of the
--- generation filling up; LIST k..":r" arrivals released once the action has run.
+-- gen, broken "0"|"1", runner (sid running the action) ; LIST side(P, k, "a") arrivals of the
+-- generation filling up; LIST side(P, k, "r") arrivals released once the action has run.
 
 -- Break the barrier: every waiter of both lists is woken with "broken".
 local function barrier_break(P, k, why)
-  for _, lst in ipairs({k .. ':a', k .. ':r'}) do
+  for _, lst in ipairs({side(P, k, 'a'), side(P, k, 'r')}) do
     for _, w in ipairs(redis.call('LRANGE', lst, 0, -1)) do
       redis.call('DEL', P .. 'in:' .. w)  -- drop stale peer notices
       push_grant(P, w, 'broken')
@@ -230,31 +246,45 @@ drop_session_from = function(P, k, sid, now)
   if not kind then return end
   if kind == 'lock' or kind == 'rlock' or kind == 'sem' or kind == 'bsem' then
     local n = tonumber(redis.call('HGET', k, 'h:' .. sid) or '0')
+    local inbox = redis.call('HGET', k, 'i:' .. sid)
+    if inbox then redis.call('DEL', P .. 'in:' .. inbox) end
     if n > 0 then
-      redis.call('HDEL', k, 'h:' .. sid, 'a:' .. sid)
+      redis.call('HDEL', k, 'h:' .. sid, 'a:' .. sid, 'i:' .. sid)
       redis.call('HINCRBY', k, 'v', n)
       redis.call('HINCRBY', k, 'r', n)
     end
-    unqueue_session(k .. ':q', sid)
+    unqueue_session(P, side(P, k, 'q'), sid)
     permits_dispatch(P, k, now)
-    permits_maybe_delete(k)
+    permits_maybe_delete(P, k)
   elseif kind == 'event' then
-    unqueue_session(k .. ':w', sid)
-    if redis.call('HGET', k, 'set') ~= '1' and redis.call('LLEN', k .. ':w') == 0 then
+    local w = side(P, k, 'w')
+    unqueue_session(P, w, sid)
+    if redis.call('HGET', k, 'set') ~= '1' and redis.call('LLEN', w) == 0 then
       redis.call('DEL', k)
     end
   elseif kind == 'cond' then
-    unqueue_session(k .. ':w', sid)
-    if redis.call('LLEN', k .. ':w') == 0 then redis.call('DEL', k) end
+    local w = side(P, k, 'w')
+    unqueue_session(P, w, sid)
+    if redis.call('LLEN', w) == 0 then redis.call('DEL', k) end
   elseif kind == 'barrier' then
-    local involved = queued_in(k .. ':a', sid) or queued_in(k .. ':r', sid)
-      or redis.call('HGET', k, 'runner') == sid
-    if involved then barrier_break(P, k, 'a party died') end
+    local a, r = side(P, k, 'a'), side(P, k, 'r')
+    local involved = queued_in(a, sid) or queued_in(r, sid) or redis.call('HGET', k, 'runner') == sid
+    if involved then
+      unqueue_session(P, a, sid)
+      unqueue_session(P, r, sid)
+      barrier_break(P, k, 'a party died')
+    end
   end
 end
 
--- Check the state key k: (nil, absent?) when usable, or an error reply table.
-local function check_kind(k, kind, init)
+-- Check the state key k and its side lists: (nil, absent?) when usable, or an error
+-- reply table. Nothing is written before these checks pass, so a key someone else
+-- wrote is reported and left as it was.
+local function check_kind(k, kind, init, sides)
+  for _, sk in ipairs(sides or {}) do
+    local st = redis.call('TYPE', sk)['ok']
+    if st ~= 'none' and st ~= 'list' then return {'wrongtype', st} end
+  end
   local typ = redis.call('TYPE', k)['ok']
   if typ == 'none' then return nil, true end
   if typ ~= 'hash' then return {'wrongtype', typ} end
@@ -302,7 +332,7 @@ end
 -- Give back n permits of k held (or, for semaphores, not held) by session sid, then
 -- serve the queue. Returns the reply of permits.lua's release op.
 local function permits_release(P, k, kind, init, sid, n, now)
-  local q = k .. ':q'
+  local q = side(P, k, 'q')
   local is_lock = kind == 'lock' or kind == 'rlock'
   if redis.call('EXISTS', k) == 1 then permits_reap_dead_holders(P, k, now) end
   if redis.call('EXISTS', k) == 0 then
@@ -313,7 +343,7 @@ local function permits_release(P, k, kind, init, sid, n, now)
   local mine = tonumber(redis.call('HGET', k, 'h:' .. sid) or '0')
   if is_lock and mine == 0 then
     local others = holders_info(P, k, 32)
-    permits_maybe_delete(k)
+    permits_maybe_delete(P, k)
     if #others > 0 then
       local out = {'notowner'}
       for _, x in ipairs(others) do out[#out + 1] = x end
@@ -329,13 +359,13 @@ local function permits_release(P, k, kind, init, sid, n, now)
       if string.sub(f, 1, 2) == 'h:' then total = total + tonumber(redis.call('HGET', k, f)) end
     end
     if total + extra > init then
-      permits_maybe_delete(k)
+      permits_maybe_delete(P, k)
       return {'overrelease'}
     end
   end
   if from_mine > 0 then
     if from_mine == mine then
-      redis.call('HDEL', k, 'h:' .. sid, 'a:' .. sid)
+      redis.call('HDEL', k, 'h:' .. sid, 'a:' .. sid, 'i:' .. sid)
       if not queued_in(q, sid) then redis.call('SREM', P .. 'h:' .. sid, k) end
     else
       redis.call('HINCRBY', k, 'h:' .. sid, -from_mine)
@@ -344,6 +374,6 @@ local function permits_release(P, k, kind, init, sid, n, now)
   redis.call('HINCRBY', k, 'v', n)
   local woken = 0
   for _ in pairs(permits_dispatch(P, k, now)) do woken = woken + 1 end
-  permits_maybe_delete(k)
+  permits_maybe_delete(P, k)
   return {'ok', woken}
 end

@@ -1,8 +1,8 @@
 --[[ barrier.lua: Barrier.
 
 KEYS[1]  k          HASH  kind="barrier", init=parties, count, broken, runner, why
-KEYS[2]  k..":a"    LIST  waiter ids of the generation filling up
-KEYS[3]  k..":r"    LIST  waiter ids of the generation whose action is running
+KEYS[2]  a          LIST  waiter ids of the generation filling up
+KEYS[3]  r          LIST  waiter ids of the generation whose action is running
 KEYS[4]  P.."sessions"
 ARGV[1]  P
 ARGV[2]  op         wait | done | abort | timeout | reset | state
@@ -38,7 +38,7 @@ local P, op, sid = ARGV[1], ARGV[2], ARGV[3]
 local parties = tonumber(ARGV[5])
 local now = now_ms()
 
-local bad = check_kind(k, 'barrier', parties)
+local bad = check_kind(k, 'barrier', parties, {a, r})
 if bad then return bad end
 
 local function maybe_delete()

@@ -1,9 +1,9 @@
 --[[ cond.lua: Condition.
 
 KEYS[1]  k          HASH  kind="cond" (exists while someone waits)
-KEYS[2]  k..":w"    LIST  waiter ids, FIFO
+KEYS[2]  w          LIST  waiter ids, FIFO
 KEYS[3]  lk         HASH  state of the condition's lock (see permits.lua)
-KEYS[4]  lk..":q"   LIST  the lock's queue
+KEYS[4]  lq         LIST  the lock's queue
 KEYS[5]  P.."sessions"
 KEYS[6]  P.."fence"
 ARGV[1]  P
@@ -30,7 +30,7 @@ local k, w, lk = KEYS[1], KEYS[2], KEYS[3]
 local P, op, sid, lkind = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
 local now = now_ms()
 
-local bad = check_kind(k, 'cond', nil) or check_kind(lk, lkind, 1)
+local bad = check_kind(k, 'cond', nil, {w}) or check_kind(lk, lkind, 1, {KEYS[4]})
 if bad then return bad end
 
 local function lock_held()

@@ -1,7 +1,7 @@
 --[[ event.lua: Event.
 
 KEYS[1]  k          HASH  kind="event", set="1"|"0"
-KEYS[2]  k..":w"    LIST  waiter ids
+KEYS[2]  w          LIST  waiter ids
 KEYS[3]  P.."sessions"
 ARGV[1]  P
 ARGV[2]  op         wait | cancel | set | clear | is_set
@@ -25,7 +25,7 @@ local k, w = KEYS[1], KEYS[2]
 local P, op, sid = ARGV[1], ARGV[2], ARGV[3]
 local now = now_ms()
 
-local bad = check_kind(k, 'event', nil)
+local bad = check_kind(k, 'event', nil, {w})
 if bad then return bad end
 
 if op == 'is_set' then

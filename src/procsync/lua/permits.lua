@@ -1,7 +1,7 @@
 --[[ permits.lua: Lock, RLock, Semaphore and BoundedSemaphore.
 
 KEYS[1]  k          HASH  state of the primitive (see _lib.lua "Permit primitives")
-KEYS[2]  k..":q"    LIST  FIFO queue of waiter ids
+KEYS[2]  q          LIST  FIFO queue of waiter ids
 KEYS[3]  P.."sessions"
 KEYS[4]  P.."fence"
 ARGV[1]  P          key prefix of the namespace
@@ -36,7 +36,7 @@ a dead session's permits return to v before anyone is granted.
 local k, q = KEYS[1], KEYS[2]
 local P, op, kind, init, sid = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 
-local bad, absent = check_kind(k, kind, init)
+local bad, absent = check_kind(k, kind, init, {q})
 if bad then return bad end
 
 -- Fast paths (the uncontended lock): no key means every permit is free and nobody
@@ -106,7 +106,7 @@ if op == 'acquire' then
     if not blocking then
       local out = {'busy', now}
       for _, x in ipairs(holders_info(P, k, 32)) do out[#out + 1] = x end
-      permits_maybe_delete(k)
+      permits_maybe_delete(P, k)
       return out
     end
     redis.call('RPUSH', q, wid)
@@ -143,7 +143,7 @@ if op == 'cancel' then
       redis.call('SREM', P .. 'h:' .. sid, k)
     end
     permits_dispatch(P, k, now)
-    permits_maybe_delete(k)
+    permits_maybe_delete(P, k)
   end
   return {'cancelled'}
 end
