@@ -12,18 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from procsync._identity import boot_id, pid_alive
 from procsync.backend.client import MAX_POP_SECONDS
 from procsync.core.permits import PermitsRef
 from procsync.core.steps import (
     WAKE,
     Call,
-    HolderInfo,
     Op,
     Pop,
     SessionGone,
     SessionView,
     check_common,
+    dead_on_this_host,
     parse_holders,
     reap,
     side_key,
@@ -34,12 +33,6 @@ __all__ = ["CondRef", "notify", "wait", "waiters"]
 
 #: How many times notify() passes on notifications that fell on dead waiters.
 MAX_NOTIFY_ROUNDS = 8
-
-
-def dead_on_this_host(sessions: list[HolderInfo]) -> list[HolderInfo]:
-    """The sessions among ``sessions`` whose process ran on this host and is gone."""
-    me = boot_id()
-    return [h for h in sessions if h.boot_id == me and not pid_alive(h.pid, h.start_ticks)]
 
 
 @dataclass(frozen=True, slots=True)

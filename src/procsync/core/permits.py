@@ -32,6 +32,7 @@ from procsync.core.steps import (
     SessionGone,
     SessionView,
     check_common,
+    dead_on_this_host,
     parse_holders,
     parse_notice,
     reap,
@@ -229,8 +230,16 @@ class PermitState:
 
 
 def state(ref: PermitsRef) -> Op:
-    """Read the primitive's state (reaping dead holders first)."""
+    """Read the primitive's state. Holders whose lease ended are reaped by the script;
+    holders on this host whose process is gone are reaped too, and the state read
+    again, so a value read right after a crash already counts the returned permits."""
     reply = yield ref.call("state", "-")
+    if reply[0] == "state":
+        dead = dead_on_this_host(parse_holders(reply[7:]))
+        if dead:
+            b = ref.backend
+            yield from reap(b.prefix, b.sessions_key, b.gone_key, dead)
+            reply = yield ref.call("state", "-")
     if reply[0] != "state":
         check_common(reply, ref.describe)
         raise ProtocolError(f"{ref.describe()}: unexpected reply {reply!r:.200}")

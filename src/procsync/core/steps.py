@@ -6,6 +6,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
+from procsync._identity import boot_id, pid_alive
 from procsync.errors import ConflictError, ProtocolError, WrongTypeError
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "SessionView",
     "Step",
     "check_common",
+    "dead_on_this_host",
     "parse_holders",
     "parse_notice",
     "reap",
@@ -88,6 +90,12 @@ class SessionView(Protocol):
         serves the waiters. Returns the holders already dead, for the caller to reap
         (:func:`reap`) before looking again."""
         ...
+
+
+def dead_on_this_host(sessions: list[HolderInfo]) -> list[HolderInfo]:
+    """The sessions among ``sessions`` whose process ran on this host and is gone."""
+    me = boot_id()
+    return [h for h in sessions if h.boot_id == me and not pid_alive(h.pid, h.start_ticks)]
 
 
 def reap(prefix: str, sessions_key: str, gone_key: str, dead: list[HolderInfo]) -> Op:
