@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 from procsync._config import env_namespace, env_url
 from procsync._validate import check_name, check_namespace
 from procsync.backend.client import Backend, get_backend
-from procsync.core.steps import HolderInfo
+from procsync.core import permits
+from procsync.core.steps import HolderInfo, Op
 from procsync.session import Session
 
 __all__ = ["HoldRecord", "Holder", "Primitive", "rebuild"]
@@ -201,5 +202,60 @@ class HoldRecord:
             self._callbacks.append(callback)
 
 
-def monotonic() -> float:
-    return time.monotonic()
+class PermitHolder(Primitive):
+    """A primitive whose grants are held (Lock, RLock, Semaphore, BoundedSemaphore),
+    on either front: its server state, this process's hold record, and the acquire
+    operation both fronts drive."""
+
+    __slots__ = ("_hold", "_initial", "_ref")
+
+    _kind: ClassVar[str] = "lock"
+
+    def __init__(
+        self, name: str | None, url: str | None, namespace: str | None, initial: int
+    ) -> None:
+        super().__init__(name, url, namespace)
+        self._initial = initial
+        self._hold = HoldRecord(self)
+        self._ref: permits.PermitsRef | None = None
+
+    @property
+    def ref(self) -> permits.PermitsRef:
+        r = self._ref
+        if r is None:
+            r = self._ref = permits.PermitsRef(self.backend, self._kind, self._name, self._initial)
+        return r
+
+    def _acquire_op(self, blocking: bool, timeout: float | None) -> Callable[[Session], Op]:
+        """The acquire operation (both fronts): take a grant, record the hold."""
+        ref = self.ref
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def op(sess: Session) -> Op:
+            token = yield from permits.acquire(ref, sess, blocking, deadline, time.monotonic)
+            if token is None:
+                return False
+            self._hold.granted(sess, token)
+            return True
+
+        return op
+
+    @property
+    def token(self) -> int | None:
+        """Fencing token of this process's latest grant: strictly increasing per
+        primitive, also across server restarts. Pass it to the resource you protect
+        and let it refuse writes whose token is older than one it has seen."""
+        return self._hold.token
+
+    @property
+    def lost(self) -> bool:
+        """True if this process held it and the hold ended without release()."""
+        return self._hold.lost() is not None
+
+    def on_lost(self, callback: Callable[[Any, str], None]) -> None:
+        """Call ``callback(primitive, reason)`` (from the heartbeat thread) if a hold
+        is lost."""
+        self._hold.on_lost(callback)
+
+    def _hold_lost(self, reason: str) -> None:
+        self._hold.mark_lost(reason)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, final
 
@@ -16,7 +14,7 @@ from procsync.core import permits
 from procsync.core.steps import Op
 from procsync.errors import LockLostError, NotHeldError, NotOwnerError, ServerError
 from procsync.session import Session, _key, _sessions
-from procsync.sync._base import Holder, HoldRecord, Primitive
+from procsync.sync._base import Holder, PermitHolder
 
 __all__ = ["Lock", "LockCommon", "LockStatistics", "RLock"]
 
@@ -46,41 +44,18 @@ def _check_acquire_args(blocking: object, timeout: object) -> float | None:
     return check_timeout(timeout, negative="forever")
 
 
-class LockCommon(Primitive):
+class LockCommon(PermitHolder):
     """What the sync and asyncio locks share: where the lock lives, the local hold
     record, and the acquire/release operations both fronts drive."""
 
-    __slots__ = ("_hold", "_ref")
+    __slots__ = ()
 
     _kind = "lock"
 
     def __init__(
         self, name: str | None = None, *, url: str | None = None, namespace: str | None = None
     ) -> None:
-        super().__init__(name, url, namespace)
-        self._hold = HoldRecord(self)
-        self._ref: permits.PermitsRef | None = None
-
-    @property
-    def ref(self) -> permits.PermitsRef:
-        r = self._ref
-        if r is None:
-            r = self._ref = permits.PermitsRef(self.backend, self._kind, self._name, 1)
-        return r
-
-    def _acquire_op(self, blocking: bool, timeout: float | None) -> Callable[[Session], Op]:
-        """The acquire operation (both fronts): take the lock, record the hold."""
-        ref = self.ref
-        deadline = None if timeout is None else time.monotonic() + timeout
-
-        def op(sess: Session) -> Op:
-            token = yield from permits.acquire(ref, sess, blocking, deadline, time.monotonic)
-            if token is None:
-                return False
-            self._hold.granted(sess, token)
-            return True
-
-        return op
+        super().__init__(name, url, namespace, 1)
 
     def _undo_acquire(self, sess: Session, acquired: Any) -> Op | None:
         """Give back a grant whose caller was cancelled (asyncio)."""
@@ -117,25 +92,6 @@ class LockCommon(Primitive):
         _drivers.run(self.ref.backend, self._release_op())
 
     # -- introspection ------------------------------------------------------------
-
-    @property
-    def token(self) -> int | None:
-        """Fencing token of this process's latest grant: strictly increasing per lock,
-        also across server restarts. Pass it to the resource you protect and let it
-        refuse writes whose token is older than one it has seen."""
-        return self._hold.token
-
-    @property
-    def lost(self) -> bool:
-        """True if this process held the lock and the hold ended without release()."""
-        return self._hold.lost() is not None
-
-    def on_lost(self, callback: Callable[[Any, str], None]) -> None:
-        """Call ``callback(lock, reason)`` (from the heartbeat thread) if a hold is lost."""
-        self._hold.on_lost(callback)
-
-    def _hold_lost(self, reason: str) -> None:
-        self._hold.mark_lost(reason)
 
     def _statistics(self, st: permits.PermitState) -> LockStatistics:
         return LockStatistics(

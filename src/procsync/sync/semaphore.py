@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +12,7 @@ from procsync.core import permits
 from procsync.core.steps import Op
 from procsync.errors import LockLostError
 from procsync.session import Session, _key, _sessions
-from procsync.sync._base import Holder, HoldRecord, Primitive
+from procsync.sync._base import Holder, PermitHolder
 
 __all__ = ["BoundedSemaphore", "Semaphore", "SemaphoreCommon", "SemaphoreStatistics"]
 
@@ -34,10 +32,10 @@ class SemaphoreStatistics:
     """Permits given back by dead holders since the semaphore last had a key."""
 
 
-class SemaphoreCommon(Primitive):
+class SemaphoreCommon(PermitHolder):
     """What the sync and asyncio semaphores share: shape, hold record, operations."""
 
-    __slots__ = ("_hold", "_initial", "_ref")
+    __slots__ = ()
 
     _kind = "sem"
 
@@ -51,34 +49,10 @@ class SemaphoreCommon(Primitive):
     ) -> None:
         if isinstance(value, int) and not isinstance(value, bool) and value < 0:
             raise ValueError("semaphore initial value must be >= 0")
-        self._initial = check_permits(value, "semaphore initial value")
-        super().__init__(name, url, namespace)
-        self._hold = HoldRecord(self)
-        self._ref: permits.PermitsRef | None = None
+        super().__init__(name, url, namespace, check_permits(value, "semaphore initial value"))
 
     def _ctor(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (self._initial,), {"name": self._name}
-
-    @property
-    def ref(self) -> permits.PermitsRef:
-        r = self._ref
-        if r is None:
-            r = self._ref = permits.PermitsRef(self.backend, self._kind, self._name, self._initial)
-        return r
-
-    def _acquire_op(self, blocking: bool, timeout: float | None) -> Callable[[Session], Op]:
-        """The acquire operation (both fronts): take a permit, record it."""
-        ref = self.ref
-        deadline = None if timeout is None else time.monotonic() + timeout
-
-        def op(sess: Session) -> Op:
-            token = yield from permits.acquire(ref, sess, blocking, deadline, time.monotonic)
-            if token is None:
-                return False
-            self._hold.granted(sess, token)
-            return True
-
-        return op
 
     def _undo_acquire(self, sess: Session, acquired: Any) -> Op | None:
         return self._release_op(1) if acquired else None
@@ -110,23 +84,6 @@ class SemaphoreCommon(Primitive):
     def initial_value(self) -> int:
         """The value the semaphore was created with."""
         return self._initial
-
-    @property
-    def token(self) -> int | None:
-        """Fencing token of this process's latest permit."""
-        return self._hold.token
-
-    @property
-    def lost(self) -> bool:
-        """True if a permit this process held was lost with its session."""
-        return self._hold.lost() is not None
-
-    def on_lost(self, callback: Callable[[Any, str], None]) -> None:
-        """Call ``callback(semaphore, reason)`` if held permits are lost."""
-        self._hold.on_lost(callback)
-
-    def _hold_lost(self, reason: str) -> None:
-        self._hold.mark_lost(reason)
 
     def _statistics(self, st: permits.PermitState) -> SemaphoreStatistics:
         return SemaphoreStatistics(
