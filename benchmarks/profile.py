@@ -34,6 +34,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -296,7 +297,6 @@ def main(argv: list[str] | None = None) -> int:
             (OUT / f"pyinstrument-{args.server}.txt").write_text(
                 prof.output_text(unicode=False, color=False, show_all=False)
             )
-            (OUT / f"pyinstrument-{args.server}.html").write_text(prof.output_html())
             out["pyinstrument"] = str((OUT / f"pyinstrument-{args.server}.txt").relative_to(ROOT))
         except ImportError:
             out["pyinstrument"] = "not installed (pip install pyinstrument)"
@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         # -- py-spy ---------------------------------------------------------------------
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if not args.no_spy and os.path.exists(spy):
-            raw_path = OUT / f"py-spy-{args.server}.txt"
+            # The raw stacks run to megabytes: kept out of the repository, summarized.
+            raw_path = Path(tempfile.mkdtemp(prefix="procsync-spy-")) / "py-spy.txt"
             code = (
                 "import os, time, procsync\n"
                 "lk = procsync.Lock('profile-spy')\n"
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             if raw_path.exists():
                 out["py_spy"] = _spy_summary(raw_path)
+                shutil.rmtree(raw_path.parent, ignore_errors=True)
             else:
                 out["py_spy"] = f"py-spy failed: {cp.stderr[-300:]}"
         procsync.session.close_all()

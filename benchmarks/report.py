@@ -38,6 +38,8 @@ def _us(x: float | None) -> str:
         return f"{x / 1000:.1f} ms"
     if x >= 1000:
         return f"{x / 1000:.2f} ms"
+    if x < 10:
+        return f"{x:.1f} µs"
     return f"{x:.0f} µs"
 
 
@@ -253,8 +255,11 @@ def _how(key: str, rec: dict[str, Any]) -> str:
         "filelock": "kernel drops the flock; waiter polls every 50 ms",
         "portalocker": "kernel drops the flock; waiter retries every 0.25 s",
         "redis-py": f"lease (timeout={ttl:g} s) runs out; waiter polls every 0.1 s",
-        "redis-lock": f"lease (expire={ttl:g} s) runs out; BLPOP wakes at its timeout",
-        "redis-lock-renew": f"renewal thread dies with it; lease ({ttl:g} s) runs out",
+        "redis-lock": f"lease (expire={ttl:g} s) runs out; the waiter wakes at its BLPOP "
+        "timeout (= expire) — unless that is ≥ redis-py 8's default 5 s socket timeout: "
+        "then the client times out, re-sends the BLPOP, and never wakes",
+        "redis-lock-renew": f"renewal thread dies with it; lease ({ttl:g} s) runs out; "
+        "same BLPOP timeout as above",
         "pottery": f"lease (auto_release_time={ttl:g} s) runs out; retries every ≤0.2 s",
     }.get(key, "")
 
