@@ -286,6 +286,10 @@ class ServerProcess:
         """
         pid = self._require_pid()
         os.kill(pid, signal.SIGSTOP)
+        # The stop is delivered asynchronously: return only once the kernel reports
+        # the child stopped (waitid with WNOWAIT neither reaps it nor eats the event).
+        with contextlib.suppress(ChildProcessError):  # not our child: best effort
+            os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOWAIT)
         self._paused = True
 
     def resume(self) -> None:
