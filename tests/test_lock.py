@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from helpers.keys import leftover_keys
 from helpers.procs import Child, ChildFactory, wait_until
-from procsync import Lock, NotHeldError, NotOwnerError, RLock
-from procsync.session import close_all
+from procsync import Lock, NotHeldError, NotOwnerError, RLock, Semaphore
+from procsync.session import close_all, usable_session
 
 pytest_plugins = ["helpers.fixtures"]
 
@@ -337,6 +337,29 @@ def test_free_lock_leaves_no_keys(ps_url: str, children: ChildFactory, raw: redi
     assert c.expect("handoff") == ["True"]
     c.expect("released")
     assert c.wait() == 0
+    assert leftover_keys(raw) == []
+
+
+@pytest.mark.parametrize("kind", ["Lock", "Semaphore"])
+def test_acquire_after_the_server_dropped_the_session_opens_a_new_one(
+    ps_url: str, raw: redis.Redis, kind: str
+) -> None:
+    # The session looks fine here, so acquire() takes the direct path; the server says
+    # "nosession" and the acquire must go on in a fresh session, not fail.
+    prim = Lock("dropped") if kind == "Lock" else Semaphore(1, name="dropped")
+    assert prim.acquire()
+    first = prim.token
+    prim.release()
+    old = usable_session(prim.backend)
+    assert old is not None
+    assert raw.zrem(prim.backend.sessions_key, old.id) == 1
+    assert prim.acquire(timeout=5)
+    new = usable_session(prim.backend)
+    assert new is not None and new.id != old.id
+    assert old.lost
+    assert first is not None and prim.token is not None and prim.token > first
+    assert raw.zscore(prim.backend.sessions_key, new.id) is not None
+    prim.release()
     assert leftover_keys(raw) == []
 
 

@@ -544,6 +544,13 @@ def _uninstall_session(s: Session) -> None:
             del _sessions[_key(s.backend)]
 
 
+def usable_session(backend: Backend) -> Session | None:
+    """The process's session on ``backend`` if it is usable now, else None (never
+    opens one: the hot paths' check)."""
+    s = _sessions.get(_key(backend))
+    return s if s is not None and s.usable else None
+
+
 def session_for(backend: Backend) -> Session:
     """The process's usable session on ``backend``, opened (or replaced) on demand."""
     s = _sessions.get(_key(backend))

@@ -2,9 +2,19 @@
 
 A :class:`Backend` is shared by every primitive of a process that names the same
 server and namespace (see :func:`get_backend`). It owns two redis-py clients over
-one server: ``cmd`` for script calls (short socket timeout, so a dead server is an
-error within seconds, never a hang) and ``wait`` for blocking pops (a timeout just
-above the longest single pop). asyncio clients are made per event loop.
+one server: ``cmd`` (short socket timeout, so a dead server is an error within
+seconds, never a hang) for the server check, SCRIPT LOAD and the helpers other
+modules run (pipelines, scans), and ``wait`` (a timeout just above the longest
+single pop) whose settings blocking pops use.
+
+The hot paths -- :meth:`Backend.call` (one ``EVALSHA``) and :meth:`Backend.pop` (one
+``BLPOP``) -- do not go through redis-py's command machinery (pool checkout and
+release with a readiness peek, the retry closure, observability hooks, ``Script``
+objects): each thread owns one connection for script calls and one for pops, made
+from the matching client's pool but never returned to it, and a call is one packed
+write and one read on it. The asyncio twins keep per-event-loop free lists of
+connections instead: a connection is held by one task for one exchange, and one
+cancelled or broken mid-exchange is closed, never reused.
 
 Every redis-py exception is translated here, in one place, into procsync's tree
 (:mod:`procsync.errors`); messages name the server by its URL with the password
@@ -15,18 +25,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import re
+import select
+import socket
 import threading
 import weakref
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol, cast
 from urllib.parse import urlsplit
 
+import hiredis
 import redis
 import redis.asyncio
+import redis.asyncio.retry
 import redis.exceptions as rex
+import redis.retry
 
 from procsync import _config
 from procsync._validate import check_namespace
@@ -49,6 +65,176 @@ MIN_REDIS = (6, 2)
 MIN_VALKEY = (7, 2)
 
 ScriptArg = str | int | float
+
+#: Idle connections kept per event loop and kind (script calls, pops); more are closed.
+MAX_IDLE_ASYNC = 32
+
+
+class SyncConnection(Protocol):
+    """What procsync uses of a redis-py connection (``redis.connection.Connection``)."""
+
+    _sock: socket.socket | None
+    retry: redis.retry.Retry
+
+    def send_packed_command(self, command: list[bytes], check_health: bool = True) -> None: ...
+    def read_response(self) -> Any: ...
+    def disconnect(self) -> None: ...
+
+
+class AsyncConnection(Protocol):
+    """What procsync uses of a ``redis.asyncio`` connection."""
+
+    _reader: asyncio.StreamReader | None
+    _writer: asyncio.StreamWriter | None
+    retry: redis.asyncio.retry.Retry
+    socket_timeout: float | None
+
+    async def send_packed_command(
+        self, command: list[bytes], check_health: bool = True
+    ) -> None: ...
+
+    async def read_response(self) -> Any: ...
+    async def disconnect(self, nowait: bool = False) -> None: ...
+
+
+def _make_connection(client: redis.Redis) -> SyncConnection:
+    """A new (not yet connected) connection with ``client``'s settings, outside its
+    pool: not counted against the pool's ``max_connections`` either (a thread's
+    connection lives as long as the thread, and is never handed back)."""
+    pool = cast(Any, client.connection_pool)
+    return cast(SyncConnection, pool.connection_class(**pool.connection_kwargs))
+
+
+def _amake_connection(client: redis.asyncio.Redis) -> AsyncConnection:
+    """A new ``redis.asyncio`` connection with ``client``'s settings, outside its pool."""
+    pool = cast(Any, client.connection_pool)
+    return cast(AsyncConnection, pool.connection_class(**pool.connection_kwargs))
+
+
+_pack_command = cast(Any, hiredis).pack_command
+
+
+def _pack(*parts: ScriptArg) -> bytes:
+    """One command in the wire protocol (str as UTF-8, int and float as redis-py
+    writes them)."""
+    return cast(bytes, _pack_command(parts))
+
+
+def _retries(retry: Any) -> int:
+    """How many times a redis-py ``Retry`` tries again (``get_retries()``, which
+    redis-py releases before 5.1 lack)."""
+    get = getattr(retry, "get_retries", None)
+    return int(get() if get is not None else getattr(retry, "_retries", 0))
+
+
+def _script_sha(name: str) -> str:
+    """The SHA1 the server names script ``name`` by (a pure function of its text)."""
+    return hashlib.sha1(script_source(name).encode("utf-8")).hexdigest()
+
+
+class _Lane:
+    """A connection owned by one thread, for script calls or for pops.
+
+    It is never shared and never goes back to a pool: a call is one packed write and
+    one read, and at most one exchange is ever in flight on it. ``busy`` is set for
+    the duration of an exchange, so code that runs in between on the same thread (a
+    signal handler, a finaliser run by the garbage collector) and calls the server
+    gets a one-off connection (:meth:`Backend._new_lane`) instead of interleaving its
+    command with a reply still on the way. ``epoch`` is the owning Backend's epoch
+    when the lane was made: a lane from before :meth:`Backend.close` or from before
+    a fork is never used again.
+    """
+
+    __slots__ = ("busy", "conn", "epoch", "poller", "sock", "spare")
+
+    def __init__(self, conn: SyncConnection, epoch: int, *, spare: bool = False) -> None:
+        self.conn = conn
+        self.epoch = epoch
+        self.busy = False
+        self.spare = spare  # a one-off connection for a nested call: closed after it
+        self.poller: select.poll | None = None
+        self.sock: socket.socket | None = None
+
+    def ready(self) -> SyncConnection:
+        """The connection, disconnected first if the server closed it while it sat
+        idle (a restart, ``CLIENT KILL``, an idle timeout).
+
+        An idle connection has nothing to read unless the server closed it (EOF reads
+        as readable) or sent something unasked; either way it is not fit to carry a
+        command, so one ``poll(0)`` decides, and the send that follows connects anew.
+        Checking before sending -- not retrying after a failed read -- is what lets
+        a script be sent at most once.
+        """
+        conn = self.conn
+        sock = conn._sock
+        if sock is not None:
+            poller = self.poller
+            if poller is None or sock is not self.sock:
+                poller = select.poll()
+                poller.register(sock, select.POLLIN | select.POLLPRI)
+                self.poller, self.sock = poller, sock
+            if poller.poll(0):
+                conn.disconnect()
+        return conn
+
+
+class _ThreadLanes(threading.local):
+    """This thread's two lanes to one Backend's server (made on first use)."""
+
+    call: _Lane | None = None
+    pop: _Lane | None = None
+
+
+class _LoopConns:
+    """One event loop's clients and idle connections to one Backend's server.
+
+    ``calls`` and ``pops`` hold connections no task is using, each with nothing left
+    to read; a task takes one out for one exchange and puts it back only if the
+    exchange completed (a reply, or an error reply, was read).
+    """
+
+    __slots__ = ("calls", "cmd", "epoch", "pops", "wait")
+
+    def __init__(self, cmd: redis.asyncio.Redis, wait: redis.asyncio.Redis, epoch: int) -> None:
+        self.cmd = cmd
+        self.wait = wait
+        self.epoch = epoch
+        self.calls: list[AsyncConnection] = []
+        self.pops: list[AsyncConnection] = []
+
+
+def _a_closed_while_idle(conn: AsyncConnection) -> bool:
+    """True if an idle asyncio connection may not carry a command: the event loop saw
+    the server close it (EOF, a reset) or bytes nobody asked for arrived."""
+    rd = conn._reader
+    if rd is None:
+        return False
+    return rd.at_eof() or rd.exception() is not None or bool(getattr(rd, "_buffer", None))
+
+
+async def _adrop(conn: AsyncConnection) -> None:
+    """Close an asyncio connection whose state is unknown (never to be reused)."""
+    with contextlib.suppress(Exception):
+        await conn.disconnect(nowait=True)
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _adrop_later(old: _LoopConns) -> None:
+    """Close a retired loop state's clients and idle connections, from synchronous
+    code running on that loop."""
+
+    async def drop_all() -> None:
+        for c in old.calls + old.pops:
+            await _adrop(c)
+        for client in (old.cmd, old.wait):
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    task = asyncio.get_running_loop().create_task(drop_all())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def redact_url(url: str) -> str:
@@ -83,16 +269,27 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 
 class Backend:
-    """One server and namespace, as seen from this process."""
+    """One server and namespace, as seen from this process.
+
+    Connections: ``cmd()`` and the ``wait`` client are redis-py clients (made and the
+    server checked on first use); each thread that calls :meth:`call` or :meth:`pop`
+    owns one connection for each, made from those clients' pools; each event loop
+    keeps its own free lists for :meth:`acall` and :meth:`apop`. A forked child never
+    uses a connection of its parent's (:func:`_after_fork_in_child` retires them).
+    """
 
     __slots__ = (
         "__weakref__",
         "_aclients",
         "_checked",
         "_cmd",
+        "_conns",
+        "_epoch",
         "_lock",
         "_password",
         "_scripts",
+        "_shas",
+        "_tls",
         "_wait",
         "fence_key",
         "gone_key",
@@ -126,12 +323,20 @@ class Backend:
         self._lock = threading.Lock()
         self._cmd: redis.Redis | None = None
         self._wait: redis.Redis | None = None
+        # redis-py Script objects, kept for tools that read a script's SHA; the calls
+        # themselves use _shas.
         self._scripts: dict[str, Any] = {}
+        self._shas: dict[str, str] = {}
         self._checked = False
-        self._aclients: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop,
-            tuple[redis.asyncio.Redis, redis.asyncio.Redis, dict[str, Any]],
-        ] = weakref.WeakKeyDictionary()
+        # Bumped by close() and, in a forked child, at the fork: a thread's lane or a
+        # loop's free list made under another epoch is never used again.
+        self._epoch = 0
+        self._tls = _ThreadLanes()
+        self._conns: weakref.WeakSet[SyncConnection] = weakref.WeakSet()
+        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopConns] = (
+            weakref.WeakKeyDictionary()
+        )
+        _all_backends.add(self)
 
     def __repr__(self) -> str:
         return f"<procsync.Backend {self.safe_url} namespace={self.namespace!r}>"
@@ -169,6 +374,12 @@ class Backend:
             raise ProtocolError(f"unexpected reply from {self.safe_url}: {msg}") from exc
         raise exc
 
+    def _sha(self, script: str) -> str:
+        sha = self._shas.get(script)
+        if sha is None:
+            sha = self._shas[script] = _script_sha(script)  # KeyError: no such script
+        return sha
+
     # -- sync -----------------------------------------------------------------
 
     def _make_sync(self, socket_timeout: float) -> redis.Redis:
@@ -185,7 +396,8 @@ class Backend:
             raise ValueError(f"bad server URL {self.safe_url}: {self._scrub(str(exc))}") from None
 
     def cmd(self) -> redis.Redis:
-        """The client for script calls (created and checked on first use)."""
+        """The client for the server check, SCRIPT LOAD and other modules' commands
+        (created, and the server checked, on first use)."""
         c = self._cmd
         if c is None:
             with self._lock:
@@ -201,30 +413,121 @@ class Backend:
                 c = self._cmd
         return c
 
+    def _new_lane(self, pop: bool) -> _Lane:
+        """A new lane for this thread (stored as its lane unless its current one is
+        busy: then a spare for one nested exchange)."""
+        self.cmd()
+        client = self._wait if pop else self._cmd
+        if client is None:  # close() ran in another thread just now
+            raise ServerUnavailableError(f"the connection to {self.safe_url} was closed")
+        conn = _make_connection(client)
+        tls = self._tls
+        old = tls.pop if pop else tls.call
+        busy = old is not None and old.busy and old.epoch == self._epoch
+        lane = _Lane(conn, self._epoch, spare=busy)
+        if not busy:
+            self._conns.add(conn)
+            if pop:
+                tls.pop = lane
+            else:
+                tls.call = lane
+            if old is not None:
+                # A lane of an earlier epoch: closed already by close(), or a parent's
+                # connection in a forked child (redis-py then closes only the child's
+                # descriptor, never shutting down the parent's socket).
+                with contextlib.suppress(Exception):
+                    old.conn.disconnect()
+        return lane
+
+    def _send(self, conn: SyncConnection, packed: bytes) -> None:
+        """Write one packed command, applying the client's retry policy to failures
+        while connecting or writing -- never to a failure after the command was
+        written, when the server may have run it."""
+        retry = conn.retry
+        if _retries(retry) == 0:  # the policy of a client made from a URL
+            conn.send_packed_command([packed], check_health=False)
+        else:
+            retry.call_with_retry(
+                lambda: conn.send_packed_command([packed], check_health=False),
+                lambda _exc: conn.disconnect(),
+            )
+
+    def _script_load(self, conn: SyncConnection, script: str) -> str:
+        self._send(conn, _pack("SCRIPT", "LOAD", script_source(script)))
+        sha = str(conn.read_response())
+        self._shas[script] = sha
+        return sha
+
     def call(self, script: str, keys: Sequence[str], args: Sequence[ScriptArg]) -> list[Any]:
-        """Run ``script`` atomically on the server and return its reply list."""
-        client = self.cmd()
+        """Run ``script`` atomically on the server and return its reply list.
+
+        One ``EVALSHA`` on this thread's own connection. If the server does not know
+        the script (it restarted, or ``SCRIPT FLUSH``), it is loaded and the call sent
+        once more. A connection the server closed while it was idle is detected before
+        sending and replaced, so the command goes out once, on a live connection.
+        Connecting and writing follow the client's retry policy (from the URL; none by
+        default); a failure once the command was written is never retried -- the
+        script may have run -- and raises :class:`ServerUnavailableError`, the
+        connection being dropped (its state is unknown). Error replies are translated
+        (:meth:`translate`) and leave the connection in use.
+        """
+        lane = self._tls.call
+        if lane is None or lane.busy or lane.epoch != self._epoch:
+            lane = self._new_lane(False)
+        conn = lane.ready()
+        sha = self._shas.get(script) or self._sha(script)
+        lane.busy = True
         try:
-            reply = self._scripts[script](keys=list(keys), args=list(args), client=client)
-        except rex.RedisError as exc:
+            self._send(conn, _pack("EVALSHA", sha, len(keys), *keys, *args))
+            try:
+                reply = conn.read_response()
+            except rex.NoScriptError:
+                sha = self._script_load(conn, script)
+                self._send(conn, _pack("EVALSHA", sha, len(keys), *keys, *args))
+                reply = conn.read_response()
+        except rex.ResponseError as exc:
+            self.translate(exc)  # a whole error reply was read: the connection is fine
+        except (rex.RedisError, OSError) as exc:
+            conn.disconnect()
             self.translate(exc)
-        except OSError as exc:
-            self.translate(exc)
+        except BaseException:  # interrupted mid-exchange: a reply may still come
+            conn.disconnect()
+            raise
+        finally:
+            lane.busy = False
+            if lane.spare:
+                conn.disconnect()
         return self._check_reply(script, reply)
 
     def pop(self, key: str, timeout: float) -> str | None:
-        """Block until a value is pushed onto list ``key`` or ``timeout`` seconds pass."""
-        self.cmd()
-        assert_client = self._wait
-        if assert_client is None:  # pragma: no cover - cmd() always sets it
-            raise ServerError("internal: wait client missing")
+        """Block until a value is pushed onto list ``key`` or ``timeout`` seconds pass
+        (at most :data:`MAX_POP_SECONDS`); return it, or None.
+
+        One ``BLPOP`` on this thread's own pop connection (the ``wait`` client's socket
+        timeout, just above the longest pop), with the same checks, retry rule and
+        error handling as :meth:`call`.
+        """
+        lane = self._tls.pop
+        if lane is None or lane.busy or lane.epoch != self._epoch:
+            lane = self._new_lane(True)
+        conn = lane.ready()
         secs = max(0.001, min(timeout, MAX_POP_SECONDS))
+        lane.busy = True
         try:
-            got = assert_client.blpop([key], timeout=round(secs, 3))
-        except rex.RedisError as exc:
+            self._send(conn, _pack("BLPOP", key, round(secs, 3)))
+            got = conn.read_response()
+        except rex.ResponseError as exc:
             self.translate(exc)
-        except OSError as exc:
+        except (rex.RedisError, OSError) as exc:
+            conn.disconnect()
             self.translate(exc)
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            lane.busy = False
+            if lane.spare:
+                conn.disconnect()
         if got is None:
             return None
         return str(got[1])
@@ -288,32 +591,38 @@ class Backend:
 
     # -- asyncio --------------------------------------------------------------
 
-    def _aset(self) -> tuple[redis.asyncio.Redis, redis.asyncio.Redis, dict[str, Any]]:
+    def _aconns(self) -> _LoopConns:
+        """The running event loop's clients and free lists (made on first use; made
+        anew after :meth:`close` or a fork, the old idle connections being closed)."""
         loop = asyncio.get_running_loop()
         got = self._aclients.get(loop)
-        if got is None:
-            kw: dict[str, Any] = {"decode_responses": True, "health_check_interval": 0}
-            try:
-                cmd = redis.asyncio.Redis.from_url(
-                    self.url,
-                    socket_timeout=self.socket_timeout,
-                    socket_connect_timeout=min(self.socket_timeout, 5.0),
-                    **kw,
-                )
-                wait = redis.asyncio.Redis.from_url(
-                    self.url,
-                    socket_timeout=MAX_POP_SECONDS + self.socket_timeout,
-                    socket_connect_timeout=min(self.socket_timeout, 5.0),
-                    **kw,
-                )
-            except (ValueError, TypeError) as exc:
-                raise ValueError(
-                    f"bad server URL {self.safe_url}: {self._scrub(str(exc))}"
-                ) from None
-            scripts = {n: cmd.register_script(script_source(n)) for n in SCRIPT_NAMES}
-            got = (cmd, wait, scripts)
-            self._aclients[loop] = got
-        return got
+        if got is not None and got.epoch == self._epoch:
+            return got
+        kw: dict[str, Any] = {"decode_responses": True, "health_check_interval": 0}
+        try:
+            cmd = redis.asyncio.Redis.from_url(
+                self.url,
+                socket_timeout=self.socket_timeout,
+                socket_connect_timeout=min(self.socket_timeout, 5.0),
+                **kw,
+            )
+            wait = redis.asyncio.Redis.from_url(
+                self.url,
+                socket_timeout=MAX_POP_SECONDS + self.socket_timeout,
+                socket_connect_timeout=min(self.socket_timeout, 5.0),
+                **kw,
+            )
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"bad server URL {self.safe_url}: {self._scrub(str(exc))}") from None
+        if got is not None:
+            _adrop_later(got)
+        fresh = self._aclients[loop] = _LoopConns(cmd, wait, self._epoch)
+        return fresh
+
+    def _aset(self) -> tuple[redis.asyncio.Redis, redis.asyncio.Redis, _LoopConns]:
+        """(cmd, wait, free lists) of the running event loop."""
+        got = self._aconns()
+        return got.cmd, got.wait, got
 
     async def acheck(self) -> None:
         """Async twin of the first-use server check."""
@@ -335,16 +644,85 @@ class Backend:
             self.translate(exc)
         self._apply_check(info, lambda: policy)
 
-    async def acall(self, script: str, keys: Sequence[str], args: Sequence[ScriptArg]) -> list[Any]:
-        """Async twin of :meth:`call`."""
-        await self.acheck()
-        cmd, _, scripts = self._aset()
+    async def _asend(self, conn: AsyncConnection, packed: bytes) -> None:
+        """Async twin of :meth:`_send` (the same retry rule).
+
+        On a connected connection with no retries (the default), the command goes
+        straight to the transport, which sends what the socket takes at once; only if
+        some of it had to be buffered is there a wait (bounded by the socket timeout).
+        A write that fails later surfaces as a failed read -- never retried.
+        """
+        retry = conn.retry
+        writer = conn._writer
+        if _retries(retry) == 0:
+            if writer is None or writer.transport.is_closing():
+                await conn.send_packed_command([packed], check_health=False)  # connects
+                return
+            writer.write(packed)
+            if writer.transport.get_write_buffer_size():
+                try:
+                    await asyncio.wait_for(writer.drain(), conn.socket_timeout)
+                except asyncio.TimeoutError:
+                    raise rex.TimeoutError("Timeout writing to socket") from None
+                except OSError as exc:
+                    raise rex.ConnectionError(f"Error while writing to socket: {exc}") from exc
+        else:
+
+            async def fail(_exc: Exception) -> None:
+                await conn.disconnect()
+
+            await retry.call_with_retry(
+                lambda: conn.send_packed_command([packed], check_health=False), fail
+            )
+
+    async def _aexchange(
+        self, conn: AsyncConnection, script: str, keys: Sequence[str], args: Sequence[ScriptArg]
+    ) -> Any:
+        if _a_closed_while_idle(conn):
+            await conn.disconnect(nowait=True)
+        sha = self._shas.get(script) or self._sha(script)
+        await self._asend(conn, _pack("EVALSHA", sha, len(keys), *keys, *args))
         try:
-            reply = await scripts[script](keys=list(keys), args=list(args), client=cmd)
-        except rex.RedisError as exc:
+            return await conn.read_response()
+        except rex.NoScriptError:
+            pass
+        await self._asend(conn, _pack("SCRIPT", "LOAD", script_source(script)))
+        sha = self._shas[script] = str(await conn.read_response())
+        await self._asend(conn, _pack("EVALSHA", sha, len(keys), *keys, *args))
+        return await conn.read_response()
+
+    async def _agive_back(
+        self, st: _LoopConns, free: list[AsyncConnection], conn: AsyncConnection
+    ) -> None:
+        if st.epoch == self._epoch and len(free) < MAX_IDLE_ASYNC:
+            free.append(conn)
+        else:
+            await _adrop(conn)
+
+    async def acall(self, script: str, keys: Sequence[str], args: Sequence[ScriptArg]) -> list[Any]:
+        """Async twin of :meth:`call`.
+
+        The exchange runs on a connection taken from the running loop's free list (or
+        a new one) and used by this task alone; it goes back to the list only once a
+        reply -- or an error reply -- was read. A connection whose exchange was
+        cancelled or failed is closed and never reused: its reply may still arrive.
+        """
+        if not self._checked:
+            await self.acheck()
+        st = self._aconns()
+        free = st.calls
+        conn = free.pop() if free else _amake_connection(st.cmd)
+        try:
+            reply = await self._aexchange(conn, script, keys, args)
+        except rex.ResponseError as exc:
+            await self._agive_back(st, free, conn)
             self.translate(exc)
-        except OSError as exc:
-            self.translate(exc)
+        except BaseException as exc:
+            await _adrop(conn)
+            if isinstance(exc, (rex.RedisError, OSError)):
+                self.translate(exc)
+            raise
+        await self._agive_back(st, free, conn)
         return self._check_reply(script, reply)
 
     async def apush(self, key: str, value: str, ttl_ms: int = 120_000) -> None:
@@ -362,27 +740,60 @@ class Backend:
             self.translate(exc)
 
     async def apop(self, key: str, timeout: float) -> str | None:
-        """Async twin of :meth:`pop`."""
-        _, wait, _ = self._aset()
+        """Async twin of :meth:`pop`, with :meth:`acall`'s rules for connections."""
+        st = self._aconns()
+        free = st.pops
+        conn = free.pop() if free else _amake_connection(st.wait)
         secs = max(0.001, min(timeout, MAX_POP_SECONDS))
         try:
-            got = await wait.blpop([key], timeout=round(secs, 3))
-        except rex.RedisError as exc:
+            if _a_closed_while_idle(conn):
+                await conn.disconnect(nowait=True)
+            await self._asend(conn, _pack("BLPOP", key, round(secs, 3)))
+            got = await conn.read_response()
+        except rex.ResponseError as exc:
+            await self._agive_back(st, free, conn)
             self.translate(exc)
-        except OSError as exc:
-            self.translate(exc)
+        except BaseException as exc:
+            await _adrop(conn)
+            if isinstance(exc, (rex.RedisError, OSError)):
+                self.translate(exc)
+            raise
+        await self._agive_back(st, free, conn)
         if got is None:
             return None
         return str(got[1])
 
     def close(self) -> None:
-        """Drop the sync clients (their sockets close)."""
-        for c in (self._cmd, self._wait):
+        """Drop the clients and every thread's connections (their sockets close).
+
+        Another thread's call in flight fails with :class:`ServerUnavailableError`;
+        later calls connect anew. asyncio connections are closed by their own loop the
+        next time it uses this Backend.
+        """
+        with self._lock:
+            self._epoch += 1
+            clients = (self._cmd, self._wait)
+            self._cmd = self._wait = None
+            conns = list(self._conns)
+            self._conns = weakref.WeakSet()
+        for c in clients:
             if c is not None:
                 with contextlib.suppress(Exception):
                     c.close()
-        self._cmd = self._wait = None
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+        self._tls.call = self._tls.pop = None
 
+    def _after_fork(self) -> None:
+        """In a forked child: retire every connection inherited from the parent."""
+        self._lock = threading.Lock()
+        self._epoch += 1
+        self._conns = weakref.WeakSet()
+        self._tls = _ThreadLanes()
+
+
+_all_backends: weakref.WeakSet[Backend] = weakref.WeakSet()
 
 _backends: dict[tuple[str, str], Backend] = {}
 _backends_lock = threading.Lock()
@@ -424,6 +835,9 @@ def _after_fork_in_child() -> None:
     global _backends_lock
     _backends_lock = threading.Lock()
     _backends.clear()
+    # Backends held by primitives survive the fork: none may use a parent's socket.
+    for b in list(_all_backends):
+        b._after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

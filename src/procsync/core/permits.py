@@ -19,7 +19,7 @@ again when the earliest holder lease ends, so a lost wake-up costs at most one l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from procsync.backend.client import MAX_POP_SECONDS, Backend
@@ -46,7 +46,17 @@ from procsync.errors import (
     ProtocolError,
 )
 
-__all__ = ["KINDS", "PermitState", "PermitsRef", "acquire", "release", "state"]
+__all__ = [
+    "KINDS",
+    "PermitState",
+    "PermitsRef",
+    "acquire",
+    "first_call",
+    "parse_token",
+    "release",
+    "release_result",
+    "state",
+]
 
 KINDS = {"lock": "Lock", "rlock": "RLock", "sem": "Semaphore", "bsem": "BoundedSemaphore"}
 
@@ -62,31 +72,39 @@ class PermitsRef:
     kind: str
     name: str
     init: int
+    keys: tuple[str, str, str, str] = field(init=False, repr=False, compare=False)
+    """KEYS of every permits.lua call: state, queue, sessions, fence (made once)."""
+
+    def __post_init__(self) -> None:
+        b = self.backend
+        keys = (
+            f"{b.prefix}{self.kind}:{self.name}",
+            side_key(b.prefix, self.kind, "q", self.name),
+            b.sessions_key,
+            b.fence_key,
+        )
+        object.__setattr__(self, "keys", keys)
 
     @property
     def key(self) -> str:
-        return f"{self.backend.prefix}{self.kind}:{self.name}"
+        return self.keys[0]
 
     @property
     def queue_key(self) -> str:
-        return side_key(self.backend.prefix, self.kind, "q", self.name)
+        return self.keys[1]
 
     def describe(self) -> str:
         return f"{KINDS[self.kind]} {self.name!r}"
 
     def call(self, op: str, sid: str, *extra: str | int) -> Call:
         b = self.backend
-        return Call(
-            "permits",
-            (self.key, self.queue_key, b.sessions_key, b.fence_key),
-            (b.prefix, op, self.kind, self.init, sid, *extra),
-        )
+        return Call("permits", self.keys, (b.prefix, op, self.kind, self.init, sid, *extra))
 
     def inbox(self, wid: str) -> str:
         return f"{self.backend.prefix}in:{wid}"
 
 
-def _token(value: Any) -> int:
+def parse_token(value: Any) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -120,6 +138,7 @@ def acquire(
     blocking: bool,
     deadline: float | None,
     now: Any,
+    resume: tuple[str, list[Any]] | None = None,
 ) -> Op:
     """Take one permit. Returns the fencing token, or None if not granted in time.
 
@@ -127,17 +146,24 @@ def acquire(
     Raises SessionGone (nothing changed) when the server does not know ``sess``.
     If interrupted while queued (KeyboardInterrupt, task cancelled) it leaves the
     queue, and gives back a permit granted in the meantime, before re-raising.
+
+    ``resume`` is ``(waiter id, reply)`` of a first ``acquire`` call the caller made
+    itself (a front's direct path, see :func:`first_call`): the operation goes on from
+    that reply instead of making the call.
     """
-    wid = sess.new_waiter_id()
+    if resume is None:
+        wid, call = first_call(ref, sess, blocking)
+        reply = yield call
+    else:
+        wid, reply = resume
     inbox = ref.inbox(wid)
     b = ref.backend
-    reply = yield ref.call("acquire", sess.id, wid, 1 if blocking else 0)
     queued = False
     try:
         while True:
             status = reply[0]
             if status == "ok":
-                return _token(reply[1])
+                return parse_token(reply[1])
             if status == "busy":
                 return None
             if status == "nosession":
@@ -160,7 +186,7 @@ def acquire(
                 if left is not None and left <= 0:
                     reply = yield ref.call("cancel", sess.id, wid)
                     queued = False
-                    return _token(reply[1]) if reply[0] == "ok" else None
+                    return parse_token(reply[1]) if reply[0] == "ok" else None
                 wait = min(MAX_POP_SECONDS, max(0.0, lease_end - now()) + LEASE_MARGIN_S)
                 if left is not None:
                     wait = min(wait, left)
@@ -172,7 +198,7 @@ def acquire(
                 notice = parse_notice(got, "w:")
                 if notice is None:
                     queued = False
-                    return _token(got)
+                    return parse_token(got)
                 # We became the head of the queue: watch the new holder.
                 dead = sess.watch_holders([notice], inbox)
                 if dead:
@@ -186,6 +212,14 @@ def acquire(
         raise
 
 
+def first_call(ref: PermitsRef, sess: SessionView, blocking: bool) -> tuple[str, Call]:
+    """The waiter id and the first call :func:`acquire` would make: a front may make
+    it directly (no generator, no driver) and hand the reply back as ``resume``
+    unless it is a plain grant."""
+    wid = sess.new_waiter_id()
+    return wid, ref.call("acquire", sess.id, wid, 1 if blocking else 0)
+
+
 def release(ref: PermitsRef, sess: SessionView | None, n: int, held_locally: bool) -> Op:
     """Give back ``n`` permits. Returns how many waiters were woken.
 
@@ -195,6 +229,11 @@ def release(ref: PermitsRef, sess: SessionView | None, n: int, held_locally: boo
     """
     sid = sess.id if sess is not None else "-"
     reply = yield ref.call("release", sid, n, 1 if held_locally else 0)
+    return release_result(ref, reply, held_locally)
+
+
+def release_result(ref: PermitsRef, reply: list[Any], held_locally: bool) -> int:
+    """What a ``release`` reply means: how many waiters were woken, or the error."""
     status = reply[0]
     if status == "ok":
         return int(reply[1])

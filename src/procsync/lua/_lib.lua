@@ -21,6 +21,11 @@ A waiter id (wid) is "<sid>/<n>"; its session id is the part before the slash.
 A hold is valid exactly while its session is: a session is alive while its
 deadline in P.."sessions" is in the future. An expired session is reaped
 (reap_session) by whichever script meets it first.
+
+permits_fast.lua runs before this library (for permits.lua only) and repeats, inline,
+now_ms, alive, next_token, sid_of, queued_in, identity_notice, INBOX_TTL_MS and
+permits_dispatch of one permit: a change to any of them must be made there too
+(tests/test_permits_script.py compares the two paths).
 ]]
 
 local RETENTION_MS = 3600000      -- how long an ended session stays listed

@@ -42,10 +42,14 @@ if bad then return bad end
 -- Fast paths (the uncontended lock): no key means every permit is free and nobody
 -- waits, so a grant is one HSET; a lock released by its holder with nobody queued
 -- goes back to no key. Neither needs the clock (TIME is the dearest call here).
+-- permits_fast.lua, sent before the library, answers these (and the hand-off of a
+-- lock to its first waiter) first, with the same replies and state: what follows
+-- is the reference it is tested against (scripts.script_source(prelude=False)).
+-- The index set, whose type nobody checked, is written before the state key.
 if op == 'release' and not absent and (kind == 'lock' or kind == 'rlock') then
   if redis.call('HGET', k, 'h:' .. sid) == '1' and redis.call('LLEN', q) == 0 then
-    redis.call('DEL', k)
     redis.call('SREM', P .. 'h:' .. sid, k)
+    redis.call('DEL', k)
     return {'ok', 0}
   end
 end
@@ -55,9 +59,9 @@ local now = now_ms()
 if op == 'acquire' and absent and init > 0 then
   if not alive(P, sid, now) then return {'nosession'} end
   local tok = next_token(P)
+  redis.call('SADD', P .. 'h:' .. sid, k)
   redis.call('HSET', k, 'kind', kind, 'init', init, 'v', init - 1, 't', string.format('%d', tok),
              'g', 1, 'r', 0, 'h:' .. sid, 1, 'a:' .. sid, now)
-  redis.call('SADD', P .. 'h:' .. sid, k)
   return {'ok', tok}
 end
 

@@ -11,18 +11,26 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
+from procsync import _drivers
 from procsync._config import env_namespace, env_url
 from procsync._validate import check_name, check_namespace
 from procsync.backend.client import Backend, get_backend
 from procsync.core import permits
-from procsync.core.steps import HolderInfo, Op
-from procsync.session import Session
+from procsync.core.steps import HolderInfo, Op, SessionGone
+from procsync.session import Session, usable_session
 
 __all__ = ["HoldRecord", "Holder", "Primitive", "rebuild"]
 
 log = logging.getLogger("procsync.primitives")
+
+
+class AcquireOp(Protocol):
+    """An acquire operation: run in a session, optionally resumed from a first reply."""
+
+    def __call__(self, sess: Session, resume: tuple[str, list[Any]] | None = None) -> Op: ...
+
 
 #: How long the set flag of an anonymous Event lives after its last set().
 ANON_KEEP_MS = 24 * 3600 * 1000
@@ -226,19 +234,49 @@ class PermitHolder(Primitive):
             r = self._ref = permits.PermitsRef(self.backend, self._kind, self._name, self._initial)
         return r
 
-    def _acquire_op(self, blocking: bool, timeout: float | None) -> Callable[[Session], Op]:
-        """The acquire operation (both fronts): take a grant, record the hold."""
+    def _acquire_op(self, blocking: bool, timeout: float | None) -> AcquireOp:
+        """The acquire operation (both fronts): take a grant, record the hold.
+
+        The deadline starts now. ``resume`` continues from a first call already made
+        (see :meth:`_direct_acquire`)."""
         ref = self.ref
         deadline = None if timeout is None else time.monotonic() + timeout
 
-        def op(sess: Session) -> Op:
-            token = yield from permits.acquire(ref, sess, blocking, deadline, time.monotonic)
+        def op(sess: Session, resume: tuple[str, list[Any]] | None = None) -> Op:
+            token = yield from permits.acquire(
+                ref, sess, blocking, deadline, time.monotonic, resume
+            )
             if token is None:
                 return False
             self._hold.granted(sess, token)
             return True
 
         return op
+
+    def _direct_acquire(self, blocking: bool, timeout: float | None) -> bool:
+        """Blocking-front acquire. When this process already has a usable session, the
+        first script call is made directly — no generator, no driver: a grant (the
+        uncontended case) is recorded at once, any other reply is handed to the general
+        operation, which goes on from it (queueing, reaping, timeouts, interrupts)."""
+        make = self._acquire_op(blocking, timeout)
+        ref = self.ref
+        b = ref.backend
+        sess = usable_session(b)
+        if sess is not None:
+            wid, call = permits.first_call(ref, sess, blocking)
+            reply = b.call(call.script, call.keys, call.args)
+            status = reply[0]
+            if status == "ok":
+                self._hold.granted(sess, permits.parse_token(reply[1]))
+                return True
+            if status != "nosession":
+                try:
+                    return bool(_drivers.run(b, make(sess, (wid, reply))))
+                except SessionGone:
+                    pass
+            sess._lose("the server no longer knows this session")
+        ok, _ = _drivers.run_with_session(b, make)
+        return bool(ok)
 
     @property
     def token(self) -> int | None:

@@ -74,21 +74,33 @@ class LockCommon(PermitHolder):
                 yield from permits.release(ref, sess, 1, False)
             hold.clear()
             raise LockLostError(f"{ref.describe()} was lost before release: {lost}")
+        sid = sess.id if sess is not None else "-"
+        reply = yield ref.call("release", sid, 1, 1 if held else 0)
+        self._released(reply, held)
+
+    def _released(self, reply: list[Any], held: bool) -> None:
+        """Apply a release reply to the local hold record (or raise its error)."""
         try:
-            yield from permits.release(ref, sess, 1, held)
+            permits.release_result(self.ref, reply, held)
         except LockLostError:
-            hold.clear()
+            self._hold.clear()
             raise
         # One grant fewer, not "none": another thread of this process may already have
         # been handed the lock by this very release and recorded its grant.
-        hold.released(1)
-        return None
+        self._hold.released(1)
 
     def _server_acquire(self, blocking: bool, timeout: float | None) -> bool:
-        ok, _ = _drivers.run_with_session(self.ref.backend, self._acquire_op(blocking, timeout))
-        return bool(ok)
+        return self._direct_acquire(blocking, timeout)
 
     def _server_release(self) -> None:
+        hold = self._hold
+        sess = hold.session
+        if sess is not None and hold.count > 0 and hold.lost() is None:
+            # The common case, made directly: held here, not lost — one script call.
+            ref = self.ref
+            call = ref.call("release", sess.id, 1, 1)
+            self._released(ref.backend.call(call.script, call.keys, call.args), True)
+            return
         _drivers.run(self.ref.backend, self._release_op())
 
     # -- introspection ------------------------------------------------------------

@@ -141,8 +141,7 @@ class Semaphore(SemaphoreCommon):
         if not blocking and timeout is not None:
             raise ValueError("can't specify timeout for non-blocking acquire")
         t = check_timeout(timeout, negative="zero")
-        ok, _ = _drivers.run_with_session(self.ref.backend, self._acquire_op(bool(blocking), t))
-        return bool(ok)
+        return self._direct_acquire(bool(blocking), t)
 
     def release(self, n: int = 1) -> None:
         """Give back ``n`` permits (waking up to ``n`` waiters).
