@@ -208,14 +208,9 @@ def ping_fn(impl: Impl, env: Env) -> Any:
 
         b = get_backend(f"unix://{env.socket}", None)
         if impl.is_async:
-
-            async def aping() -> Any:
-                cmd, _, _ = b._aset()
-                return await cmd.ping()
-
-            return aping
+            return b.aping  # the connections acall() uses
         procsync.session.configure(ttl=env.ttl)
-        return b.cmd().ping
+        return b.ping  # the connection call() uses
     return redis_client(env).ping
 
 

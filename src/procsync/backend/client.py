@@ -32,6 +32,7 @@ import re
 import select
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any, NoReturn, Protocol, cast
@@ -458,6 +459,45 @@ class Backend:
         self._shas[script] = sha
         return sha
 
+    def _exchange(
+        self,
+        pop: bool,
+        packed: bytes,
+        script: str | None = None,
+        keys: Sequence[str] = (),
+        args: Sequence[ScriptArg] = (),
+    ) -> Any:
+        """Send one packed command on this thread's call (or pop) lane and read its
+        reply. ``script``: the command is its EVALSHA with ``keys`` and ``args``, sent
+        once more after loading it if the server does not know it."""
+        lane = self._tls.pop if pop else self._tls.call
+        if lane is None or lane.busy or lane.epoch != self._epoch:
+            lane = self._new_lane(pop)
+        conn = lane.ready()
+        lane.busy = True
+        try:
+            self._send(conn, packed)
+            try:
+                return conn.read_response()
+            except rex.NoScriptError:
+                if script is None:
+                    raise
+                sha = self._script_load(conn, script)
+                self._send(conn, _pack("EVALSHA", sha, len(keys), *keys, *args))
+                return conn.read_response()
+        except rex.ResponseError as exc:
+            self.translate(exc)  # a whole error reply was read: the connection is fine
+        except (rex.RedisError, OSError) as exc:
+            conn.disconnect()
+            self.translate(exc)
+        except BaseException:  # interrupted mid-exchange: a reply may still come
+            conn.disconnect()
+            raise
+        finally:
+            lane.busy = False
+            if lane.spare:
+                conn.disconnect()
+
     def call(self, script: str, keys: Sequence[str], args: Sequence[ScriptArg]) -> list[Any]:
         """Run ``script`` atomically on the server and return its reply list.
 
@@ -471,33 +511,9 @@ class Backend:
         connection being dropped (its state is unknown). Error replies are translated
         (:meth:`translate`) and leave the connection in use.
         """
-        lane = self._tls.call
-        if lane is None or lane.busy or lane.epoch != self._epoch:
-            lane = self._new_lane(False)
-        conn = lane.ready()
         sha = self._shas.get(script) or self._sha(script)
-        lane.busy = True
-        try:
-            self._send(conn, _pack("EVALSHA", sha, len(keys), *keys, *args))
-            try:
-                reply = conn.read_response()
-            except rex.NoScriptError:
-                sha = self._script_load(conn, script)
-                self._send(conn, _pack("EVALSHA", sha, len(keys), *keys, *args))
-                reply = conn.read_response()
-        except rex.ResponseError as exc:
-            self.translate(exc)  # a whole error reply was read: the connection is fine
-        except (rex.RedisError, OSError) as exc:
-            conn.disconnect()
-            self.translate(exc)
-        except BaseException:  # interrupted mid-exchange: a reply may still come
-            conn.disconnect()
-            raise
-        finally:
-            lane.busy = False
-            if lane.spare:
-                conn.disconnect()
-        return self._check_reply(script, reply)
+        packed = _pack("EVALSHA", sha, len(keys), *keys, *args)
+        return self._check_reply(script, self._exchange(False, packed, script, keys, args))
 
     def pop(self, key: str, timeout: float) -> str | None:
         """Block until a value is pushed onto list ``key`` or ``timeout`` seconds pass
@@ -507,30 +523,18 @@ class Backend:
         timeout, just above the longest pop), with the same checks, retry rule and
         error handling as :meth:`call`.
         """
-        lane = self._tls.pop
-        if lane is None or lane.busy or lane.epoch != self._epoch:
-            lane = self._new_lane(True)
-        conn = lane.ready()
         secs = max(0.001, min(timeout, MAX_POP_SECONDS))
-        lane.busy = True
-        try:
-            self._send(conn, _pack("BLPOP", key, round(secs, 3)))
-            got = conn.read_response()
-        except rex.ResponseError as exc:
-            self.translate(exc)
-        except (rex.RedisError, OSError) as exc:
-            conn.disconnect()
-            self.translate(exc)
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            lane.busy = False
-            if lane.spare:
-                conn.disconnect()
+        got = self._exchange(True, _pack("BLPOP", key, round(secs, 3)))
         if got is None:
             return None
         return str(got[1])
+
+    def ping(self) -> float:
+        """One ``PING`` on the lane script calls use; returns the seconds it took
+        (the round-trip floor of :meth:`call`)."""
+        t0 = time.perf_counter()
+        self._exchange(False, _pack("PING"))
+        return time.perf_counter() - t0
 
     def _check_reply(self, script: str, reply: Any) -> list[Any]:
         if not isinstance(reply, list) or not reply or not isinstance(reply[0], str):
@@ -675,22 +679,6 @@ class Backend:
                 lambda: conn.send_packed_command([packed], check_health=False), fail
             )
 
-    async def _aexchange(
-        self, conn: AsyncConnection, script: str, keys: Sequence[str], args: Sequence[ScriptArg]
-    ) -> Any:
-        if _a_closed_while_idle(conn):
-            await conn.disconnect(nowait=True)
-        sha = self._shas.get(script) or self._sha(script)
-        await self._asend(conn, _pack("EVALSHA", sha, len(keys), *keys, *args))
-        try:
-            return await conn.read_response()
-        except rex.NoScriptError:
-            pass
-        await self._asend(conn, _pack("SCRIPT", "LOAD", script_source(script)))
-        sha = self._shas[script] = str(await conn.read_response())
-        await self._asend(conn, _pack("EVALSHA", sha, len(keys), *keys, *args))
-        return await conn.read_response()
-
     async def _agive_back(
         self, st: _LoopConns, free: list[AsyncConnection], conn: AsyncConnection
     ) -> None:
@@ -699,21 +687,38 @@ class Backend:
         else:
             await _adrop(conn)
 
-    async def acall(self, script: str, keys: Sequence[str], args: Sequence[ScriptArg]) -> list[Any]:
-        """Async twin of :meth:`call`.
+    async def _aexchange(
+        self,
+        pop: bool,
+        packed: bytes,
+        script: str | None = None,
+        keys: Sequence[str] = (),
+        args: Sequence[ScriptArg] = (),
+    ) -> Any:
+        """Async twin of :meth:`_exchange`.
 
-        The exchange runs on a connection taken from the running loop's free list (or
-        a new one) and used by this task alone; it goes back to the list only once a
-        reply -- or an error reply -- was read. A connection whose exchange was
-        cancelled or failed is closed and never reused: its reply may still arrive.
+        The exchange runs on a connection taken from the running loop's free list of
+        call (or pop) connections, or a new one, and used by this task alone; it goes
+        back to the list only once a reply -- or an error reply -- was read. A
+        connection whose exchange was cancelled or failed is closed and never reused:
+        its reply may still arrive.
         """
-        if not self._checked:
-            await self.acheck()
         st = self._aconns()
-        free = st.calls
-        conn = free.pop() if free else _amake_connection(st.cmd)
+        free = st.pops if pop else st.calls
+        conn = free.pop() if free else _amake_connection(st.wait if pop else st.cmd)
         try:
-            reply = await self._aexchange(conn, script, keys, args)
+            if _a_closed_while_idle(conn):
+                await conn.disconnect(nowait=True)
+            await self._asend(conn, packed)
+            try:
+                reply = await conn.read_response()
+            except rex.NoScriptError:
+                if script is None:
+                    raise
+                await self._asend(conn, _pack("SCRIPT", "LOAD", script_source(script)))
+                sha = self._shas[script] = str(await conn.read_response())
+                await self._asend(conn, _pack("EVALSHA", sha, len(keys), *keys, *args))
+                reply = await conn.read_response()
         except rex.ResponseError as exc:
             await self._agive_back(st, free, conn)
             self.translate(exc)
@@ -723,7 +728,15 @@ class Backend:
                 self.translate(exc)
             raise
         await self._agive_back(st, free, conn)
-        return self._check_reply(script, reply)
+        return reply
+
+    async def acall(self, script: str, keys: Sequence[str], args: Sequence[ScriptArg]) -> list[Any]:
+        """Async twin of :meth:`call`, with :meth:`_aexchange`'s rules for connections."""
+        if not self._checked:
+            await self.acheck()
+        sha = self._shas.get(script) or self._sha(script)
+        packed = _pack("EVALSHA", sha, len(keys), *keys, *args)
+        return self._check_reply(script, await self._aexchange(False, packed, script, keys, args))
 
     async def apush(self, key: str, value: str, ttl_ms: int = 120_000) -> None:
         """Push ``value`` onto list ``key`` (expiring after ``ttl_ms``): how a cancelled
@@ -740,28 +753,18 @@ class Backend:
             self.translate(exc)
 
     async def apop(self, key: str, timeout: float) -> str | None:
-        """Async twin of :meth:`pop`, with :meth:`acall`'s rules for connections."""
-        st = self._aconns()
-        free = st.pops
-        conn = free.pop() if free else _amake_connection(st.wait)
+        """Async twin of :meth:`pop`, with :meth:`_aexchange`'s rules for connections."""
         secs = max(0.001, min(timeout, MAX_POP_SECONDS))
-        try:
-            if _a_closed_while_idle(conn):
-                await conn.disconnect(nowait=True)
-            await self._asend(conn, _pack("BLPOP", key, round(secs, 3)))
-            got = await conn.read_response()
-        except rex.ResponseError as exc:
-            await self._agive_back(st, free, conn)
-            self.translate(exc)
-        except BaseException as exc:
-            await _adrop(conn)
-            if isinstance(exc, (rex.RedisError, OSError)):
-                self.translate(exc)
-            raise
-        await self._agive_back(st, free, conn)
+        got = await self._aexchange(True, _pack("BLPOP", key, round(secs, 3)))
         if got is None:
             return None
         return str(got[1])
+
+    async def aping(self) -> float:
+        """Async twin of :meth:`ping`."""
+        t0 = time.perf_counter()
+        await self._aexchange(False, _pack("PING"))
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         """Drop the clients and every thread's connections (their sockets close).
