@@ -480,13 +480,17 @@ class Session:
         """Watch the same-host holders among ``holders``; return those already dead
         (the caller reaps them on the server and looks again)."""
         dead = []
+        watcher: PidWatcher | None = None
         for h in holders:
             if h.boot_id != self.identity.boot_id or h.sid == self.id:
                 continue
-            if not pid_alive(h.pid, h.start_ticks):
-                dead.append(h)
+            watcher = watcher or _watcher()
+            # A process watched already is known alive without a /proc read (the
+            # queue's processes are met again and again under contention).
+            if watcher.watching(h.pid, h.start_ticks) or pid_alive(h.pid, h.start_ticks):
+                watcher.watch(h.pid, h.start_ticks, (self.backend, h))
             else:
-                _watcher().watch(h.pid, h.start_ticks, (self.backend, h))
+                dead.append(h)
         return dead
 
     def __repr__(self) -> str:
@@ -645,6 +649,11 @@ class PidWatcher:
                     fd = -1
                 except OSError:
                     fd = -1
+                if fd >= 0 and not pid_alive(pid, start):
+                    # The pid was reused between the caller's check and pidfd_open: this
+                    # pidfd is another process's. The 50 ms check reaps the one we meant.
+                    os.close(fd)
+                    fd = -1
             if fd >= 0:
                 self._fds[key] = fd
                 self._by_fd[fd] = key
@@ -658,6 +667,12 @@ class PidWatcher:
                 self._thread.start()
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
+
+    def watching(self, pid: int, start: int) -> bool:
+        """True if process (pid, start) is watched through a pidfd that has not been
+        handled as ended: it is alive, known without reading /proc (its end makes the
+        pidfd readable, and the watcher thread then reaps it)."""
+        return (pid, start) in self._fds
 
     def _run(self) -> None:
         while True:
