@@ -40,7 +40,7 @@ from rich.text import Text
 
 from procsync.backend.client import redact_url, resolve_url
 from procsync.demos import CATALOGUE, find
-from procsync.demos.tickets import RushEvent, RushOptions, RushResult, run
+from procsync.demos.tickets import SCENARIOS, RushEvent, RushOptions, RushResult, run
 from procsync.errors import ServerError
 
 __all__ = ["daemon", "demo", "isolation", "ktv", "register", "server", "tickets", "traffic"]
@@ -128,6 +128,7 @@ def _report(console: Console, d: dict[str, Any]) -> None:
             str(d["crashes"]),
             f"lock back after p50 {_ms(d['recovery_p50_s'])}, max {_ms(d['recovery_max_s'])}",
         )
+    if d["chaos"] or d["scenario"]:
         table.add_row(
             "pauses (SIGSTOP past the ttl)",
             str(d["pauses"]),
@@ -205,7 +206,16 @@ def _report(console: Console, d: dict[str, Any]) -> None:
 @click.option(
     "--unfenced",
     is_flag=True,
-    help="Leave out the database's token check: with --chaos, watch the lock alone oversell.",
+    help="Leave out the database's token check: with --chaos or --scenario, watch the lock "
+    "alone oversell.",
+)
+@click.option(
+    "--scenario",
+    type=click.Choice(SCENARIOS),
+    default=None,
+    help="Instead of --chaos, stage one fault, the same every run. stale-write: SIGSTOP a "
+    "holder between reading the stock and writing it, keep it stopped until another buyer "
+    "has bought, then let it write.",
 )
 def tickets(
     buyers: int,
@@ -220,6 +230,7 @@ def tickets(
     pauses: int | None,
     timeout: float,
     unfenced: bool,
+    scenario: str | None,
 ) -> None:
     """The ticket rush (抢票): buyer processes race for tickets under one Lock.
 
@@ -228,6 +239,8 @@ def tickets(
     end a checker reads the database: nothing oversold, no ticket sold twice,
     tokens increasing. Runs on PROCSYNC_URL, else on the embedded server.
     """
+    if chaos and scenario is not None:
+        raise click.UsageError("--chaos and --scenario exclude each other")
     try:
         url = resolve_url(None)
         opts = RushOptions(
@@ -243,6 +256,7 @@ def tickets(
             pauses=pauses,
             fenced=not unfenced,
             url=url,
+            scenario=scenario,
         )
         if as_json:
             result = run(opts)
@@ -263,7 +277,10 @@ def _run_with_progress(opts: RushOptions, url: str) -> RushResult:
     where = redact_url(url)
     if not os.environ.get("PROCSYNC_URL", "").strip():
         where += " (embedded: PROCSYNC_URL is unset)"
-    details = ["chaos" if opts.chaos else "no chaos"]
+    if opts.scenario is not None:
+        details = [f"staged: {opts.scenario}"]
+    else:
+        details = ["chaos" if opts.chaos else "no chaos"]
     if opts.effective_ttl is not None:
         details.append(f"ttl {opts.effective_ttl:g} s")
     if not opts.fenced:

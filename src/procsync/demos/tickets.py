@@ -6,43 +6,68 @@ The notes keep a ticket count in a JSON file and let ten processes buy under a
 ``procsync.Lock``::
 
     with lock:                                    # Lock("tickets:<run id>")
-        left = inventory.remaining()              # search: read the stock
+        left = inventory.remaining(token=lock.token)          # search: read the stock
         time.sleep(work)                          # think about it
         inventory.sell(ticket, left - 1, token=lock.token)   # buy: write it back
 
 Why the fencing token. A lock cannot, on its own, keep the tickets exact: a holder
 frozen past its lease (SIGSTOP, swap, a long GC pause) wakes up still believing it
 holds the lock, although the server has long given it to someone else, and writes
-its stale view of the stock. So every sale carries ``lock.token`` (strictly
-increasing per lock) and the *database* refuses a sale whose token is not newer
-than the last one it accepted: a trigger aborts the INSERT, the sale is not
-applied, and the refusal is counted in the ``rejected`` table. Checking
+its stale view of the stock. So every read and every sale carries ``lock.token``
+(strictly increasing per lock) and the *database* refuses a sale whose token is not
+newer than the last sale it accepted, or older than the newest token it has seen
+on a read: a trigger aborts the INSERT, the sale is not applied, and the refusal is
+counted in the ``rejected`` table. The reads count because a stale write can also
+land between the new holder's read and its write: fencing the writes alone would
+accept both (their tokens do increase) and sell a ticket twice. Checking
 ``lock.lost`` before writing would only narrow the window (the pause can come right
 after the check); the buyers here deliberately do not, so that the fence is seen
 doing its job.
 
 The database (WAL mode)::
 
-    meta(key, value)              app, initial, run id, fenced
+    meta(key, value)              app, initial, run id, fenced, stage (staged runs)
     stock(remaining)              one row: tickets left
-    fence(token)                  one row: the newest token the database accepted
+    fence(token, seen)            one row: the newest token of an accepted sale, and
+                                  the newest token presented at all (read or sale)
     sales(seq, ticket, buyer, pid, token, granted_at, sold_at)
     rejected(seq, ticket, buyer, pid, token, fence_token, at)
     buyers(pid, buyer, generation, started_at)
     incidents(seq, kind, buyer, pid, token, at, detail)    kill / pause / resume / lost
 
-A sale is one transaction: INSERT into ``sales`` (the trigger checks the token and
-advances ``fence``), then UPDATE ``stock``; a refused sale writes only ``rejected``.
+A read is one transaction: advance ``fence.seen``, SELECT the stock. A sale is one
+transaction: INSERT into ``sales`` (the trigger checks the token and advances
+``fence``), then UPDATE ``stock``; a refused sale writes only ``rejected``.
+
+The start line. The parent holds the lock while the buyers queue on it, and lets go
+once the server counts every buyer waiting: FIFO hand-off then serves each buyer
+within the first round, however slowly its process got going.
 
 Chaos (``chaos=True``). The parent process picks moments (by tickets sold) to strike
 the buyer that *holds the lock right now*: it asks the server for the owner
-(``Lock.owner()``), SIGSTOPs that process, asks again to be sure it still holds it
-(a stopped process cannot release), then either SIGKILLs it (a *crash*; it is
+(``Lock.owner()``), SIGSTOPs that process, asks twice more to be sure it still holds
+it (a stopped process cannot release, and a release it sent just before it stopped
+has been served by the second answer), then either SIGKILLs it (a *crash*; it is
 respawned) or leaves it stopped for longer than the ttl and then SIGCONTs it (a
-*pause*; it comes back with a stale token, the database rejects its write, and its
-``release()`` raises :class:`~procsync.LockLostError`, which it logs and carries on
-from). Crash recovery is measured from the SIGKILL to the next grant to another
-buyer.
+*pause*). What a paused buyer does next depends on where the pause fell, which is
+chance: before its write, it writes with a stale token and the database refuses
+it; anywhere in its hold, its ``release()`` raises :class:`~procsync.LockLostError`,
+which it logs and carries on from; before it had even heard of its grant, its next
+acquire just starts over in a new session. ``scenario="stale-write"`` stages the
+worst place. Crash recovery is measured from the SIGKILL to the next grant to
+another buyer.
+
+Staged (``scenario="stale-write"``). Random chaos shows what happens to whoever holds
+the lock at a random moment, so whether a pause hits between the read and the write
+is chance. The staged run makes that worst case happen once, every time: the holder
+that first finds half the tickets (or fewer) left claims the stage in the database
+and, right before it writes, tells the parent over a pipe (its token, what it read)
+and waits there for its cue. The parent SIGSTOPs it, keeps it stopped until the
+database shows a sale under a newer token (the lease ran out, the server gave the
+lock to another buyer, and that buyer bought), then SIGCONTs it and gives the cue:
+it writes the stock it read before the pause. Fenced, the database refuses that
+write; unfenced, the ticket is sold twice and the stock goes wrong. Nothing here
+waits for a time to pass: each step waits for the previous one to be seen.
 
 The checker (:func:`check`) reads only the database and demands: sold + remaining ==
 initial, nothing oversold, no ticket sold twice, every ticket number in range, and
@@ -61,6 +86,7 @@ import itertools
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.context
 import os
 import random
@@ -87,6 +113,7 @@ from procsync.sync import Event, Lock
 
 __all__ = [
     "CHAOS_TTL",
+    "SCENARIOS",
     "Inventory",
     "RushEvent",
     "RushOptions",
@@ -115,11 +142,20 @@ ACQUIRE_SLICE: Final = 5.0
 TICK: Final = 0.02
 #: A buyer's exit status when it gave up (deadline passed, or its parent is gone).
 EXIT_GAVE_UP: Final = 3
+#: The staged runs (``RushOptions.scenario``): "stale-write", a holder paused between
+#: reading the stock and writing it, until another buyer has bought.
+SCENARIOS: Final = ("stale-write",)
+#: Longest single wait of a staged buyer for its cue, so it re-checks deadline and parent.
+CUE_SLICE: Final = 0.5
 
 _SCHEMA: Final = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE stock(id INTEGER PRIMARY KEY CHECK (id = 1), remaining INTEGER NOT NULL);
-CREATE TABLE fence(id INTEGER PRIMARY KEY CHECK (id = 1), token INTEGER NOT NULL);
+CREATE TABLE fence(
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    token INTEGER NOT NULL,
+    seen INTEGER NOT NULL
+);
 CREATE TABLE sales(
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     ticket INTEGER NOT NULL,
@@ -156,14 +192,16 @@ CREATE TABLE incidents(
 -- Every accepted sale moves the fence forward (also in an unfenced database, so the
 -- checker can see what was accepted).
 CREATE TRIGGER fence_advance AFTER INSERT ON sales BEGIN
-    UPDATE fence SET token = max(token, NEW.token) WHERE id = 1;
+    UPDATE fence SET token = max(token, NEW.token), seen = max(seen, NEW.token) WHERE id = 1;
 END;
 """
 
-#: The database's guard: a sale whose token is not newer than the fence is aborted.
+#: The database's guard: a sale whose token is not newer than the last accepted sale's,
+#: or older than one a read presented since, is aborted.
 _FENCE_TRIGGER: Final = f"""
 CREATE TRIGGER fence_check BEFORE INSERT ON sales
 WHEN NEW.token <= (SELECT token FROM fence WHERE id = 1)
+  OR NEW.token < (SELECT seen FROM fence WHERE id = 1)
 BEGIN
     SELECT RAISE(ABORT, '{STALE_TOKEN}');
 END;
@@ -193,13 +231,20 @@ class Inventory:
 
     @classmethod
     def create(
-        cls, path: str | os.PathLike[str], tickets: int, *, run_id: str, fenced: bool = True
+        cls,
+        path: str | os.PathLike[str],
+        tickets: int,
+        *,
+        run_id: str,
+        fenced: bool = True,
+        staged: bool = False,
     ) -> Inventory:
         """Create a ticket database with ``tickets`` tickets at ``path``.
 
         ``path`` must not exist, or must be a ticket database of an earlier run
         (which is replaced); any other file is refused with FileExistsError.
         ``fenced=False`` leaves out the token check, to show what goes wrong then.
+        ``staged=True`` opens the stage one buyer may claim (:meth:`claim_stage`).
         """
         p = Path(path)
         if p.exists():
@@ -221,10 +266,11 @@ class Inventory:
                 ("run_id", run_id),
                 ("fenced", "1" if fenced else "0"),
                 ("created_at", repr(time.time())),
-            ],
+            ]
+            + ([("stage", "open")] if staged else []),
         )
         c.execute("INSERT INTO stock(id, remaining) VALUES (1, ?)", (tickets,))
-        c.execute("INSERT INTO fence(id, token) VALUES (1, 0)")
+        c.execute("INSERT INTO fence(id, token, seen) VALUES (1, 0, 0)")
         c.execute("COMMIT")
         return inv
 
@@ -246,9 +292,27 @@ class Inventory:
         """How many tickets the run started with."""
         return int(self._scalar("SELECT value FROM meta WHERE key = 'initial'"))
 
-    def remaining(self) -> int:
-        """Tickets left, as the stock row says (the buyer's "search")."""
-        return int(self._scalar("SELECT remaining FROM stock WHERE id = 1"))
+    def remaining(self, token: int | None = None) -> int:
+        """Tickets left, as the stock row says (the buyer's "search").
+
+        With ``token`` (the reader's fencing token), one transaction that also
+        records the token as seen: from then on a sale under an older token is
+        refused, so a paused holder's late write cannot slip in between this read
+        and the sale made from it.
+        """
+        if token is None:
+            return int(self._scalar("SELECT remaining FROM stock WHERE id = 1"))
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.execute("UPDATE fence SET seen = max(seen, ?) WHERE id = 1", (token,))
+            left = int(self._scalar("SELECT remaining FROM stock WHERE id = 1"))
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+        return left
 
     def sell(
         self,
@@ -263,8 +327,9 @@ class Inventory:
         """Sell ``ticket`` and set the stock to ``remaining_after``, in one transaction.
 
         True if the database accepted the sale. False if it refused it because
-        ``token`` is not newer than the last accepted one: then nothing but a row
-        in ``rejected`` is written.
+        ``token`` is not newer than the last accepted one, or older than one a read
+        presented since: then nothing but a row in ``rejected`` is written (with
+        the newest token the database had seen).
         """
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
@@ -278,7 +343,7 @@ class Inventory:
             except sqlite3.IntegrityError as exc:
                 if STALE_TOKEN not in str(exc):
                     raise
-                fence = int(self._scalar("SELECT token FROM fence WHERE id = 1"))
+                fence = int(self._scalar("SELECT max(token, seen) FROM fence WHERE id = 1"))
                 c.execute(
                     "INSERT INTO rejected(ticket, buyer, pid, token, fence_token, at) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -293,6 +358,14 @@ class Inventory:
             if c.in_transaction:
                 c.execute("ROLLBACK")
             raise
+
+    def claim_stage(self, buyer: str) -> bool:
+        """Claim the stage of a staged run: True for exactly one caller, ever."""
+        cur = self._conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'stage' AND value = 'open'",
+            (f"claimed by {buyer}",),
+        )
+        return cur.rowcount == 1
 
     def register_buyer(self, buyer: str, pid: int, generation: int) -> None:
         """Record that a buyer process is up and about to wait for the start."""
@@ -316,6 +389,10 @@ class Inventory:
     def sold(self) -> int:
         """How many sales were accepted so far."""
         return int(self._scalar("SELECT count(*) FROM sales"))
+
+    def sold_after(self, token: int) -> int:
+        """How many accepted sales carry a token newer than ``token``."""
+        return int(self._scalar("SELECT count(*) FROM sales WHERE token > ?", (token,)))
 
     def ready(self) -> int:
         """How many buyer processes have registered."""
@@ -473,15 +550,25 @@ class BuyerConfig:
     """Unix time after which the buyer gives up."""
     parent_pid: int
     log_level: int
+    staged: bool = False
+    """A staged run: the holder that first finds half the tickets (or fewer) left
+    claims the stage and waits for its cue (over ``cue``) right before it writes."""
 
 
-def buyer(cfg: BuyerConfig, lock: Lock, go: Event) -> None:
+def buyer(
+    cfg: BuyerConfig,
+    lock: Lock,
+    go: Event,
+    cue: multiprocessing.connection.Connection | None = None,
+) -> None:
     """A buyer process: wait for the start, then buy one ticket per turn of the lock
     until none are left.
 
     Each turn: acquire ``lock``, read the stock, work a little, sell the next ticket
     carrying ``lock.token``, release. A sale the database refuses (stale token) is
-    logged and the buyer goes on; so is a hold found lost on release.
+    logged and the buyer goes on; so is a hold found lost on release. In a staged
+    run (``cfg.staged``, ``cue`` the buyers' end of the pipe to the parent), the one
+    buyer that claims the stage reports before it writes and waits for its cue.
     """
     # Born ignoring SIGINT (see _sigint_ignored); say so again for other launchers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -495,8 +582,10 @@ def buyer(cfg: BuyerConfig, lock: Lock, go: Event) -> None:
     rng = random.Random(seed)
     pid = os.getpid()
     deadline = time.monotonic() + (cfg.deadline - time.time())
+    may_stage = cfg.staged and cue is not None
     with Inventory(cfg.db) as inv:
         initial = inv.initial()
+        stage_at = max(1, (initial + 1) // 2)
         inv.register_buyer(cfg.name, pid, cfg.generation)
         if not go.wait(timeout=max(0.0, deadline - time.monotonic())):
             raise SystemExit(EXIT_GAVE_UP)
@@ -512,10 +601,14 @@ def buyer(cfg: BuyerConfig, lock: Lock, go: Event) -> None:
             try:
                 if token is None:  # cannot happen after a grant; never sell unfenced
                     raise ProcsyncError("the lock was granted without a fencing token")
-                left = inv.remaining()
+                left = inv.remaining(token)
                 if left <= 0:
                     return
                 time.sleep(cfg.work_s * rng.uniform(0.5, 1.5))
+                if may_stage and left <= stage_at:
+                    may_stage = False  # one try per process: the stage is claimed once
+                    if cue is not None and inv.claim_stage(cfg.name):
+                        _await_cue(cue, cfg, pid, token, left, deadline)
                 # No `if lock.lost` here, on purpose: a pause can strike right after any
                 # such check. The database's fence is what keeps the stock exact.
                 ticket = initial - left + 1
@@ -536,6 +629,25 @@ def buyer(cfg: BuyerConfig, lock: Lock, go: Event) -> None:
                 except LockLostError as exc:
                     inv.record_incident("lost", cfg.name, pid, token, f"LockLostError: {exc}")
                     log.info("%s: lost the lock before release: %s", cfg.name, exc)
+
+
+def _await_cue(
+    cue: multiprocessing.connection.Connection,
+    cfg: BuyerConfig,
+    pid: int,
+    token: int,
+    left: int,
+    deadline: float,
+) -> None:
+    """The staged buyer's part: say "I hold ``token`` and read ``left``", then wait
+    for the parent's cue to write (it comes after the parent has paused this process
+    and seen another buyer buy). Gives up at the deadline or when orphaned."""
+    cue.send(("holding", cfg.name, pid, token, left))
+    while not cue.poll(CUE_SLICE):
+        if time.monotonic() >= deadline or os.getppid() != cfg.parent_pid:
+            log.warning("%s gives up waiting for its cue", cfg.name)
+            raise SystemExit(EXIT_GAVE_UP)
+    cue.recv()
 
 
 # -- the parent ----------------------------------------------------------------------
@@ -561,6 +673,8 @@ class RushOptions:
     fenced: bool = True
     url: str | None = None
     """Server URL; None: ``PROCSYNC_URL``, else the embedded server."""
+    scenario: str | None = None
+    """A staged run instead of random chaos (one of :data:`SCENARIOS`), or None."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.buyers <= 1000:
@@ -577,13 +691,18 @@ class RushOptions:
         for what, n in (("kills", self.kills), ("pauses", self.pauses)):
             if n is not None and n < 0:
                 raise ValueError(f"{what} must be >= 0, got {n}")
+        if self.scenario is not None:
+            if self.scenario not in SCENARIOS:
+                raise ValueError(f"scenario must be one of {SCENARIOS}, got {self.scenario!r}")
+            if self.chaos:
+                raise ValueError("a staged scenario and random chaos exclude each other")
 
     @property
     def effective_ttl(self) -> float | None:
         """The ttl the buyers are configured with (None: the session default)."""
         if self.ttl is not None:
             return self.ttl
-        return CHAOS_TTL if self.chaos else None
+        return CHAOS_TTL if self.chaos or self.scenario is not None else None
 
 
 @final
@@ -630,6 +749,8 @@ class RushResult:
     problems: tuple[str, ...] = ()
     """What went wrong outside the database (buyer crashed on its own, timeout)."""
     timed_out: bool = False
+    scenario: str | None = None
+    """The staged scenario that ran instead of random chaos, if any."""
 
     @property
     def failures(self) -> tuple[str, ...]:
@@ -667,6 +788,7 @@ class RushResult:
             "sales_per_buyer_max": max(per_buyer, default=0),
             "duration_s": round(self.duration_s, 3),
             "chaos": self.chaos,
+            "scenario": self.scenario,
             "fenced": v.fenced,
             "ttl_s": self.ttl_s,
             "seed": self.seed,
@@ -712,13 +834,15 @@ class _Fleet:
     template: BuyerConfig
     lock: Lock
     go: Event
+    cue: multiprocessing.connection.Connection | None = None
+    """The buyers' end of the staged run's pipe (None unless staged)."""
     live: dict[int, _Buyer] = field(default_factory=dict)
     started: int = 0
 
     def spawn(self, name: str, generation: int) -> _Buyer:
         cfg = dataclasses.replace(self.template, name=name, generation=generation)
         proc = self.ctx.Process(
-            target=buyer, args=(cfg, self.lock, self.go), name=f"{name}.{generation}"
+            target=buyer, args=(cfg, self.lock, self.go, self.cue), name=f"{name}.{generation}"
         )
         with _sigint_ignored():
             proc.start()
@@ -802,6 +926,16 @@ class _Abort(Exception):
     """Ends the rush early; the reason is already in ``problems``."""
 
 
+@dataclass
+class _Stage:
+    """The parent's side of a staged run: its end of the pipe, and the buyer it paused."""
+
+    conn: multiprocessing.connection.Connection
+    victim: _Buyer | None = None
+    token: int = 0
+    done: bool = False
+
+
 class _Rush:
     """The parent's side of one run: the buyers it started, the chaos plan, and
     what it saw. Only the pids in ``fleet`` are ever signalled."""
@@ -813,10 +947,12 @@ class _Rush:
         fleet: _Fleet,
         on_progress: Callable[[int, int], None] | None,
         on_event: Callable[[RushEvent], None] | None,
+        stage: _Stage | None = None,
     ) -> None:
         self.opts = opts
         self.inv = inv
         self.fleet = fleet
+        self.stage = stage
         self.on_progress = on_progress
         self.on_event = on_event
         self.plan = _chaos_plan(opts, random.Random(opts.seed))
@@ -847,28 +983,48 @@ class _Rush:
             self.on_event(RushEvent(kind, buyer_name, pid, at, message))
 
     def start(self) -> None:
-        """Start the buyers, wait until all are at the start line, fire the gun.
+        """Start the buyers, wait until all are ready, then line them up on the lock.
 
-        Everyone waits for the gun so that the race is fair and the duration
-        measures selling, not interpreter start-up.
+        The parent takes the lock, fires the gun, and lets go of the lock only once
+        the server counts every buyer waiting for it: FIFO hand-off then serves each
+        of them within the first round, however slowly its process got going. The
+        duration measures selling, not interpreter start-up.
         """
         n = self.opts.buyers
         width = len(str(n))
         for i in range(1, n + 1):
             self.fleet.spawn(f"buyer-{i:0{width}d}", 1)
         while self.inv.ready() < n:
-            for b in self.fleet.live.values():
-                if b.process.exitcode is not None:
-                    self.problems.append(f"{b.name} exited with status {b.process.exitcode}")
-                    raise _Abort
-            if time.monotonic() >= self.deadline:
-                self.timed_out = True
-                self.problems.append(f"the buyers did not all start in {self.opts.timeout:g} s")
-                raise _Abort
+            self._check_starting("start")
             time.sleep(TICK)
+        lock = self.fleet.lock
+        if not lock.acquire(timeout=max(0.0, self.deadline - time.monotonic())):
+            self._check_starting("line up")
+            self.problems.append("the parent could not take the lock to line the buyers up")
+            raise _Abort
+        try:
+            self.fleet.go.set()
+            while lock.statistics().waiting < n:
+                self._check_starting("line up")
+                time.sleep(TICK)
+        finally:
+            try:
+                lock.release()
+            except LockLostError as exc:  # the buyers got it anyway: the race is on
+                log.warning("the parent's start-line hold was lost: %s", exc)
         self.t_go = time.monotonic()
-        self.fleet.go.set()
-        self.emit("go", "", 0, f"all {n} buyers ready: go!")
+        self.emit("go", "", 0, f"all {n} buyers queued on the lock: go!")
+
+    def _check_starting(self, what: str) -> None:
+        """Abort the start if a buyer exited or the deadline passed."""
+        for b in self.fleet.live.values():
+            if b.process.exitcode is not None:
+                self.problems.append(f"{b.name} exited with status {b.process.exitcode}")
+                raise _Abort
+        if time.monotonic() >= self.deadline:
+            self.timed_out = True
+            self.problems.append(f"the buyers did not all {what} in {self.opts.timeout:g} s")
+            raise _Abort
 
     def watch(self) -> None:
         """Follow the run until every buyer has exited (or the deadline passes)."""
@@ -882,6 +1038,7 @@ class _Rush:
             self._resume_paused()
             self._reap()
             self._chaos()
+            self._stage()
             time.sleep(TICK)
 
     def stop(self) -> None:
@@ -956,6 +1113,57 @@ class _Rush:
             )
         self.emit(kind, b.name, b.pid, msg)
 
+    def _stage(self) -> None:
+        """Play the staged scenario: each step once the one before it is seen done.
+
+        1. The buyer that claimed the stage reports (pipe) that it holds the lock
+           and has read the stock: SIGSTOP it.
+        2. The database shows a sale under a newer token (its lease ran out, the
+           lock went to another buyer, who bought): give the cue, SIGCONT it. It
+           writes what it read before the pause.
+        """
+        st = self.stage
+        if st is None or st.done:
+            return
+        if st.victim is None:
+            if not st.conn.poll():
+                return
+            _, _, pid, token, left = st.conn.recv()
+            b = self.fleet.live.get(pid)
+            if b is None:  # pragma: no cover - only our buyers hold the pipe
+                self.problems.append(f"the stage was claimed by pid {pid}, not one of ours")
+                st.done = True
+                return
+            os.kill(b.pid, signal.SIGSTOP)
+            b.paused_until = math.inf  # the stage resumes it, not the clock
+            st.victim, st.token = b, token
+            self.pauses += 1
+            self.inv.record_incident("pause", b.name, b.pid, token, f"staged: read {left} left")
+            self.emit(
+                "pause",
+                b.name,
+                b.pid,
+                f"SIGSTOP {b.name} (pid {b.pid}) holding token {token}, "
+                f"between reading the stock ({left} left) and writing it",
+            )
+            return
+        if self.inv.sold_after(st.token) == 0:
+            return
+        b = st.victim
+        st.conn.send("write")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(b.pid, signal.SIGCONT)
+        b.paused_until = None
+        st.done = True
+        self.inv.record_incident("resume", b.name, b.pid, st.token, "staged")
+        self.emit(
+            "resume",
+            b.name,
+            b.pid,
+            f"SIGCONT {b.name} (pid {b.pid}): another buyer has bought since, "
+            f"under a newer token; {b.name} now writes what it read before the pause",
+        )
+
 
 def run(
     opts: RushOptions,
@@ -985,8 +1193,9 @@ def run(
         db = Path(tmpdir) / "tickets.db"
     else:
         db = Path(opts.db).absolute()
+    staged = opts.scenario is not None
     try:
-        inv = Inventory.create(db, opts.tickets, run_id=run_id, fenced=opts.fenced)
+        inv = Inventory.create(db, opts.tickets, run_id=run_id, fenced=opts.fenced, staged=staged)
     except BaseException:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -1001,12 +1210,16 @@ def run(
         deadline=time.time() + opts.timeout,
         parent_pid=os.getpid(),
         log_level=_child_log_level(),
+        staged=staged,
     )
     log.info("ticket rush %s: %d buyers, %d tickets, db %s, server %s",
              run_id, opts.buyers, opts.tickets, db, lock.backend.safe_url)  # fmt: skip
+    ctx = multiprocessing.get_context("spawn")
+    pipe = ctx.Pipe() if staged else None
     try:
-        fleet = _Fleet(multiprocessing.get_context("spawn"), template, lock, go)
-        rush = _Rush(opts, inv, fleet, on_progress, on_event)
+        fleet = _Fleet(ctx, template, lock, go, None if pipe is None else pipe[1])
+        stage = None if pipe is None else _Stage(pipe[0])
+        rush = _Rush(opts, inv, fleet, on_progress, on_event, stage)
         try:
             rush.start()
             rush.watch()
@@ -1035,8 +1248,12 @@ def run(
             seed=opts.seed,
             problems=tuple(rush.problems),
             timed_out=rush.timed_out,
+            scenario=opts.scenario,
         )
     finally:
+        if pipe is not None:
+            for end in pipe:
+                end.close()
         inv.close()
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -1045,8 +1262,11 @@ def run(
 def _strike(kind: str, fleet: _Fleet, inv: Inventory, pause_s: float) -> tuple[_Buyer, int] | None:
     """Kill or pause the buyer that holds the lock right now; None if none of ours does.
 
-    The victim is stopped first and the owner asked again: a stopped process cannot
-    release, so if it still holds the lock then, it holds it when it is struck.
+    The victim is stopped first and the owner asked twice more: a stopped process
+    cannot release, but a release it sent just before it stopped may still wait in
+    the server's input behind the first question; the server has read it by the time
+    the second one arrives (it is sent after the first answer). If the server still
+    names the victim then, the victim holds the lock when it is struck.
     """
     lock = fleet.lock
     owner = lock.owner()
@@ -1056,6 +1276,8 @@ def _strike(kind: str, fleet: _Fleet, inv: Inventory, pause_s: float) -> tuple[_
     os.kill(b.pid, signal.SIGSTOP)
     try:
         st = lock.statistics()
+        if st.owner is not None and st.owner.pid == b.pid:
+            st = lock.statistics()
     except BaseException:
         os.kill(b.pid, signal.SIGCONT)
         raise
