@@ -55,13 +55,17 @@ async def adrive(gen: Job, prim: Any) -> dict[str, Any]:
 # -- jobs -------------------------------------------------------------------------
 
 
-def uncontended(conn: Any, env: Env, n: int, seconds: float, warm: int) -> Job:
-    """acquire + release, again and again, nobody else around."""
+def uncontended(conn: Any, env: Env, n: int, seconds: float, warm: int, floor: bool = False) -> Job:
+    """acquire + release, again and again, nobody else around. With ``floor``, each
+    pair is followed by two bare PINGs through the contender's own client, so the
+    floor is sampled in the same moments as the pairs (this host's round trips
+    change speed by 2-3x from one minute to the next)."""
     for _ in range(warm):
         yield "acquire"
         yield "release"
     acq: list[int] = []
     rel: list[int] = []
+    pings: list[int] = []
     end = clock() + int(seconds * NS)
     for _ in range(n):
         t0 = clock()
@@ -71,9 +75,14 @@ def uncontended(conn: Any, env: Env, n: int, seconds: float, warm: int) -> Job:
         t2 = clock()
         acq.append(t1 - t0)
         rel.append(t2 - t1)
+        if floor:
+            t3 = clock()
+            yield "ping"
+            yield "ping"
+            pings.append(clock() - t3)
         if t2 > end:
             break
-    return {"acquire": acq, "release": rel}
+    return {"acquire": acq, "release": rel, "floor": pings}
 
 
 def ping(conn: Any, env: Env, n: int, seconds: float, warm: int) -> Job:
@@ -277,6 +286,17 @@ class _Pinger:
         self.ping = fn
 
 
+class _WithPing:
+    """A primitive that also has ``ping`` (a PING through the contender's client)."""
+
+    def __init__(self, prim: Any, ping: Any) -> None:
+        self._prim = prim
+        self.ping = ping
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._prim, name)
+
+
 def child_main(
     job: str,
     impl: Impl,
@@ -299,6 +319,8 @@ def child_main(
             prim: Any = _Pinger(ping_fn(impl, env))
         else:
             prim = open_primitive(impl, kind, name, env, shared, value)
+            if params.get("floor"):
+                prim = _WithPing(prim, ping_fn(impl, env))
         gen = JOBS[job](conn, env, **params)
         res = asyncio.run(adrive(gen, prim)) if impl.is_async else drive(gen, prim)
         conn.send(("result", res))

@@ -238,7 +238,12 @@ class Runner:
     def uncontended(self, impl: Impl) -> dict[str, Any]:
         cfg = self.cfg
         name = f"bench-unc-{uuid.uuid4().hex[:8]}"
-        params = {"n": cfg.unc_n, "seconds": cfg.unc_seconds, "warm": cfg.unc_warm}
+        params = {
+            "n": cfg.unc_n,
+            "seconds": cfg.unc_seconds,
+            "warm": cfg.unc_warm,
+            "floor": impl.on_server,
+        }
         self.r.config_resetstat()
         _, conn = self.spawn("uncontended", impl, "lock", name, params, self.shared(impl, "lock"))
         res = self.result(conn, time.monotonic() + cfg.unc_seconds + 60, "uncontended")
@@ -248,12 +253,14 @@ class Runner:
         out = summarize(total)
         out["acquire"] = summarize(res["acquire"])
         out["release"] = summarize(res["release"])
+        if res.get("floor"):
+            out["floor"] = summarize(res["floor"])  # 2 PINGs, interleaved with the pairs
         n = len(total) + cfg.unc_warm
         if impl.on_server and n:
             per_pair = {
                 c: round(s["calls"] / n, 2)
                 for c, s in stats.items()
-                if c not in ("config|resetstat", "config", "info") and s["calls"] >= n // 2
+                if c not in ("config|resetstat", "config", "info", "ping") and s["calls"] >= n // 2
             }
             out["server_calls_per_pair"] = per_pair
             out["server_usec_per_call"] = {c: stats[c]["usec_per_call"] for c in per_pair}
