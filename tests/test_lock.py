@@ -17,7 +17,10 @@ from hypothesis import strategies as st
 from helpers.keys import leftover_keys
 from helpers.procs import Child, ChildFactory, wait_until
 from procsync import Lock, NotHeldError, NotOwnerError, RLock, Semaphore
-from procsync.session import close_all, usable_session
+from procsync.core import permits
+from procsync.core.steps import Call, Pop
+from procsync.errors import ServerUnavailableError
+from procsync.session import close_all, session_for, usable_session
 
 pytest_plugins = ["helpers.fixtures"]
 
@@ -440,3 +443,39 @@ def test_single_thread_matches_threading_model(
     while depth:
         ours.release()
         depth -= 1
+
+
+def test_a_waiter_whose_grant_was_popped_but_never_delivered_gives_the_lock_back(
+    ps_url: str, raw: redis.Redis, children: ChildFactory
+) -> None:
+    # The waiter's pop connection breaks after the server popped its grant off the
+    # inbox and before the reply arrived (or an interrupt lands then). Its clean-up
+    # must find that grant and give the lock back, not leave it held by a session
+    # that does not know it holds it. The operation is driven step by step here so
+    # the break lands exactly there.
+    name = f"lost-{uuid.uuid4().hex[:8]}"
+    holder, first = start_holder(children, name)
+    lock = Lock(name)
+    b = lock.backend
+    op = permits.acquire(lock.ref, session_for(b), True, None, time.monotonic)
+    step = next(op)
+    assert isinstance(step, Call) and step.args[1] == "acquire"
+    step = op.send(b.call(step.script, step.keys, step.args))
+    assert isinstance(step, Pop)  # queued behind the holder, which is alive
+    holder.send("release")
+    holder.expect("released")
+    popped = raw.lpop(step.key)  # what the broken pop took
+    assert popped is not None and int(popped) > first
+    lost = ServerUnavailableError("the connection broke while the pop's reply was on the way")
+    step = op.throw(lost)
+    assert isinstance(step, Call) and step.args[1] == "cancel"
+    reply = b.call(step.script, step.keys, step.args)
+    assert reply == ["ok", int(popped)]
+    step = op.send(reply)
+    assert isinstance(step, Call) and step.args[1] == "release"
+    with pytest.raises(ServerUnavailableError):
+        op.send(b.call(step.script, step.keys, step.args))
+    assert not lock.locked()
+    holder.send("exit")
+    assert holder.wait() == 0
+    assert leftover_keys(raw) == []

@@ -17,7 +17,8 @@ Replies (first element is the status):
            | {'queued', now_ms, n_holders, holders..., waiters ahead...} | {'nosession'}
   release: {'ok', woken} | {'notheld'} | {'notowner', holders...} | {'overrelease'}
            ({'notheld'} also for a semaphore whose caller lost the permits it held)
-  cancel:  {'ok', token}  (granted before the cancel arrived) | {'cancelled'}
+  cancel:  {'ok', token}  (granted before the cancel arrived; for a lock, also a grant whose
+           token this waiter's pop took but never delivered) | {'cancelled'}
   state:   {'state', v, init, last_token, grants, reclaimed, queue_len, holders...}
   any op:  {'wrongtype', type} | {'conflict', kind, init}
 A queued waiter's inbox receives its token (digits) when granted, and notices
@@ -143,6 +144,13 @@ if op == 'cancel' then
   local tok = take_grant(P, wid)
   if tok then return {'ok', tonumber(tok)} end
   if redis.call('EXISTS', k) == 1 then
+    -- A lock granted to this very waiter whose token was popped but never reached it
+    -- (its connection broke, or an interrupt came, while the pop's reply was on the
+    -- way): the hold is the caller's, and a lock's last token is that grant's.
+    if (kind == 'lock' or kind == 'rlock') and redis.call('HGET', k, 'i:' .. sid) == wid
+       and redis.call('HGET', k, 'h:' .. sid) then
+      return {'ok', tonumber(redis.call('HGET', k, 't'))}
+    end
     if not redis.call('HGET', k, 'h:' .. sid) and not queued_in(q, sid) then
       redis.call('SREM', P .. 'h:' .. sid, k)
     end
