@@ -54,6 +54,7 @@ __all__ = [
     "first_call",
     "parse_token",
     "release",
+    "release_call",
     "release_result",
     "state",
 ]
@@ -227,9 +228,15 @@ def release(ref: PermitsRef, sess: SessionView | None, n: int, held_locally: boo
     lock the server says is not ours then means the hold was lost (LockLostError),
     not misuse.
     """
-    sid = sess.id if sess is not None else "-"
-    reply = yield ref.call("release", sid, n, 1 if held_locally else 0)
+    reply = yield release_call(ref, sess, n, held_locally)
     return release_result(ref, reply, held_locally)
+
+
+def release_call(ref: PermitsRef, sess: SessionView | None, n: int, held_locally: bool) -> Call:
+    """The one call :func:`release` makes (a front may make it directly and hand the
+    reply to :func:`release_result`)."""
+    sid = sess.id if sess is not None else "-"
+    return ref.call("release", sid, n, 1 if held_locally else 0)
 
 
 def release_result(ref: PermitsRef, reply: list[Any], held_locally: bool) -> int:

@@ -238,7 +238,7 @@ class PermitHolder(Primitive):
         """The acquire operation (both fronts): take a grant, record the hold.
 
         The deadline starts now. ``resume`` continues from a first call already made
-        (see :meth:`_direct_acquire`)."""
+        (see :meth:`_server_acquire`)."""
         ref = self.ref
         deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -253,7 +253,7 @@ class PermitHolder(Primitive):
 
         return op
 
-    def _direct_acquire(self, blocking: bool, timeout: float | None) -> bool:
+    def _server_acquire(self, blocking: bool, timeout: float | None) -> bool:
         """Blocking-front acquire. When this process already has a usable session, the
         first script call is made directly — no generator, no driver: a grant (the
         uncontended case) is recorded at once, any other reply is handed to the general

@@ -74,8 +74,7 @@ class LockCommon(PermitHolder):
                 yield from permits.release(ref, sess, 1, False)
             hold.clear()
             raise LockLostError(f"{ref.describe()} was lost before release: {lost}")
-        sid = sess.id if sess is not None else "-"
-        reply = yield ref.call("release", sid, 1, 1 if held else 0)
+        reply = yield permits.release_call(ref, sess, 1, held)
         self._released(reply, held)
 
     def _released(self, reply: list[Any], held: bool) -> None:
@@ -89,17 +88,13 @@ class LockCommon(PermitHolder):
         # been handed the lock by this very release and recorded its grant.
         self._hold.released(1)
 
-    def _server_acquire(self, blocking: bool, timeout: float | None) -> bool:
-        return self._direct_acquire(blocking, timeout)
-
     def _server_release(self) -> None:
         hold = self._hold
         sess = hold.session
         if sess is not None and hold.count > 0 and hold.lost() is None:
             # The common case, made directly: held here, not lost — one script call.
-            ref = self.ref
-            call = ref.call("release", sess.id, 1, 1)
-            self._released(ref.backend.call(call.script, call.keys, call.args), True)
+            call = permits.release_call(self.ref, sess, 1, True)
+            self._released(self.ref.backend.call(call.script, call.keys, call.args), True)
             return
         _drivers.run(self.ref.backend, self._release_op())
 

@@ -141,7 +141,7 @@ class Semaphore(SemaphoreCommon):
         if not blocking and timeout is not None:
             raise ValueError("can't specify timeout for non-blocking acquire")
         t = check_timeout(timeout, negative="zero")
-        return self._direct_acquire(bool(blocking), t)
+        return self._server_acquire(bool(blocking), t)
 
     def release(self, n: int = 1) -> None:
         """Give back ``n`` permits (waking up to ``n`` waiters).
