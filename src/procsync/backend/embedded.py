@@ -482,12 +482,14 @@ def stop(directory: Path | None = None, *, timeout: float = 15.0) -> bool:
             os.kill(supervisor, signal.SIGTERM)
             stopped = True
         if supervisor is not None:
+            # Wait for the pid to end, not for it to stop looking like the supervisor:
+            # an exiting process has an empty cmdline well before it is gone.
             sup = supervisor
-            if not _wait_until(lambda: not _is_supervisor(sup, d), timeout):
+            if not _wait_until(lambda: not _proc_alive(sup), timeout) and _is_supervisor(sup, d):
                 log.warning("supervisor %d did not exit; sending SIGKILL", sup)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(sup, signal.SIGKILL)
-                _wait_until(lambda: not _is_supervisor(sup, d), timeout)
+                _wait_until(lambda: not _proc_alive(sup), timeout)
         if not _wait_until(lambda: not _answers(sock, 0.5), timeout):
             raise EmbeddedServerError(f"the server at {_url(sock)} still answers after stop")
         _remove_stale_files(d)
