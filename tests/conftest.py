@@ -79,8 +79,7 @@ def url(server: ServerProcess) -> str:
         server.resume()
     if not server.running:  # a test broke the rule above; don't let others pay for it
         server.start()
-    with server.client() as r:
-        r.flushall()
+    server.flush()
     return server.url
 
 

@@ -335,8 +335,10 @@ class ScriptSpy:
         orig = Backend.acall
         spy = self
 
-        async def acall(self: Backend, script: str, keys: Any, args: Any) -> list[Any]:
-            reply = await orig(self, script, keys, args)
+        async def acall(
+            self: Backend, script: str, keys: Any, args: Any, timeout: float | None = None
+        ) -> list[Any]:
+            reply = await orig(self, script, keys, args, timeout)
             op = (script, str(args[1]))
             spy.calls.append(op)
             if spy.target == op and spy.reached is not None and spy.gate is not None:

@@ -57,7 +57,7 @@ def _assert_ok(rc: int, d: dict[str, Any]) -> None:
 
 #: What a demo may leave on the server: the liveness registry (ended sessions are
 #: listed for an hour) and the fencing counter. Its locks, events, values and logs go.
-REGISTRY_KEYS = ("s:", "h:", "sessions", "events", "gone", "fence")
+REGISTRY_KEYS = ("s:", "h:", "sessions", "events", "gone", "fence", "epoch", "procsync:born")
 
 
 def _assert_nothing_left(url: str) -> None:

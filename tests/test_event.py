@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from helpers.keys import lasting_keys, leftover_keys, state_key
+from helpers.keys import lasting_keys, leftover_keys, state_key, stored_keys
 from helpers.procs import ChildFactory, InThread, wait_until
 from procsync import Event
 
@@ -166,4 +166,4 @@ def test_bad_wait_timeouts_are_rejected(ps_url: str, raw: redis.Redis, bad: obje
     ev = Event("bad")
     with pytest.raises((TypeError, ValueError)):
         ev.wait(bad)  # type: ignore[arg-type]
-    assert raw.dbsize() == 0
+    assert stored_keys(raw) == []

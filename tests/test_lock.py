@@ -18,7 +18,7 @@ from helpers.keys import leftover_keys
 from helpers.procs import Child, ChildFactory, wait_until
 from procsync import Lock, NotHeldError, NotOwnerError, RLock, Semaphore
 from procsync.core import permits
-from procsync.core.steps import Call, Pop
+from procsync.core.steps import Call, Cleanup, Pop
 from procsync.errors import ServerUnavailableError
 from procsync.session import close_all, session_for, usable_session
 
@@ -457,7 +457,8 @@ def test_a_waiter_whose_grant_was_popped_but_never_delivered_gives_the_lock_back
     holder, first = start_holder(children, name)
     lock = Lock(name)
     b = lock.backend
-    op = permits.acquire(lock.ref, session_for(b), True, None, time.monotonic)
+    sess = session_for(b)
+    op = permits.acquire(lock.ref, sess, sess.new_waiter_id(), True, None, time.monotonic)
     step = next(op)
     assert isinstance(step, Call) and step.args[1] == "acquire"
     step = op.send(b.call(step.script, step.keys, step.args))
@@ -468,13 +469,18 @@ def test_a_waiter_whose_grant_was_popped_but_never_delivered_gives_the_lock_back
     assert popped is not None and int(popped) > first
     lost = ServerUnavailableError("the connection broke while the pop's reply was on the way")
     step = op.throw(lost)
-    assert isinstance(step, Call) and step.args[1] == "cancel"
-    reply = b.call(step.script, step.keys, step.args)
+    assert isinstance(step, Cleanup)  # leave the queue, give back what came
+    cleanup = step.make()
+    sub = next(cleanup)
+    assert isinstance(sub, Call) and sub.args[1] == "cancel"
+    reply = b.call(sub.script, sub.keys, sub.args)
     assert reply == ["ok", int(popped)]
-    step = op.send(reply)
-    assert isinstance(step, Call) and step.args[1] == "release"
+    sub = cleanup.send(reply)
+    assert isinstance(sub, Call) and sub.args[1] == "release"
+    with pytest.raises(StopIteration):
+        cleanup.send(b.call(sub.script, sub.keys, sub.args))
     with pytest.raises(ServerUnavailableError):
-        op.send(b.call(step.script, step.keys, step.args))
+        op.send(None)
     assert not lock.locked()
     holder.send("exit")
     assert holder.wait() == 0

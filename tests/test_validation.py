@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from helpers.keys import leftover_keys, state_key
+from helpers.keys import leftover_keys, state_key, stored_keys
 from helpers.procs import InThread, wait_until
 from procsync import BoundedSemaphore, Event, Lock, RLock, Semaphore
 
@@ -26,7 +26,7 @@ def untouched(raw: redis.Redis) -> Iterator[redis.Redis]:
     yield raw
     stats = raw.info("commandstats")
     assert [c for c in SCRIPTING if c in stats] == []
-    assert raw.dbsize() == 0
+    assert stored_keys(raw) == []
 
 
 CONSTRUCTORS: dict[str, Callable[[Any], object]] = {

@@ -22,6 +22,7 @@ for ``multiprocessing`` has to change.
 from procsync.errors import (
     BrokenBarrierError,
     ConflictError,
+    CorruptStateError,
     LockLostError,
     NoServerBinaryError,
     NotHeldError,
@@ -67,6 +68,7 @@ __all__ = [
     "BrokenBarrierError",
     "Condition",
     "ConflictError",
+    "CorruptStateError",
     "Event",
     "LivenessEvent",
     "Lock",

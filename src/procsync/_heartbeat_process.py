@@ -186,7 +186,9 @@ class _Child:
         sent = time.monotonic()
         try:
             keys = [b.sessions_key, b.gone_key]
-            reply = b.call("session", keys, beat_args(b, self.sid, self.ttl))
+            # Bounded by the client-side deadline: the loss is reported at the deadline.
+            left = max(0.001, self.deadline - sent)
+            reply = b.call("session", keys, beat_args(b, self.sid, self.ttl), left)
         except ServerError as exc:
             if time.monotonic() >= self.deadline:
                 log.warning("no renewal confirmed for a whole ttl (%gs): %s", self.ttl, exc)

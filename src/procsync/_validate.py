@@ -25,8 +25,9 @@ MAX_PERMITS = 1_000_000
 def check_name(name: object, what: str = "name") -> str:
     """Return ``name`` if it is a usable primitive name, else raise.
 
-    A name is a non-empty ``str`` of at most 200 characters without control
-    characters (they would garble logs and the CLI).
+    A name is a non-empty ``str`` of at most 200 characters, valid Unicode text (no
+    lone surrogates: names are stored as UTF-8), without control characters (they
+    would garble logs and the CLI).
     """
     if not isinstance(name, str):
         raise TypeError(f"{what} must be a str, not {type(name).__name__}")
@@ -34,6 +35,16 @@ def check_name(name: object, what: str = "name") -> str:
         raise ValueError(f"{what} must not be empty")
     if len(name) > MAX_NAME_LENGTH:
         raise ValueError(f"{what} is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        plural = "namespaces" if what == "namespace" else "names"
+        raise ValueError(
+            f"{what} {name!r} is not valid Unicode text (lone surrogate {name[exc.start]!r} at "
+            f"position {exc.start}); {plural} are stored as UTF-8: decode the {what}'s bytes "
+            "with their real encoding (a byte that is not UTF-8 becomes such a character "
+            "under errors='surrogateescape', as in sys.argv and os.environ)"
+        ) from None
     for ch in name:
         if ord(ch) < 32 or ord(ch) == 127:
             raise ValueError(f"{what} {name!r} contains the control character {ch!r}")

@@ -17,6 +17,8 @@ standard exception, so code written for the standard library keeps catching it::
         ├── ServerUnavailableError(ConnectionError)  cannot reach the server (names the URL)
         ├── ServerUnsupportedError                 too old, or an eviction policy that loses locks
         ├── WrongTypeError(TypeError)              a key of ours holds something else
+        │   └── CorruptStateError                  ... our kind of key, with fields procsync
+        │                                          never writes (edited by hand?)
         ├── ProtocolError                          a reply procsync cannot understand
         └── EmbeddedServerError                    the embedded server cannot be started
             └── NoServerBinaryError                no valkey-server / redis-server found
@@ -31,6 +33,7 @@ import threading
 __all__ = [
     "BrokenBarrierError",
     "ConflictError",
+    "CorruptStateError",
     "EmbeddedServerError",
     "LockLostError",
     "NoServerBinaryError",
@@ -111,6 +114,18 @@ class ServerUnsupportedError(ServerError):
 
 class WrongTypeError(ServerError, TypeError):
     """A key procsync owns holds a value of another type; it was left untouched."""
+
+
+class CorruptStateError(WrongTypeError):
+    """A procsync key holds fields or values procsync never writes.
+
+    For example a lock's state hash without its permit count, or with a negative or
+    non-numeric one, or a fencing counter that can count no further: written by hand
+    or by another program. The message names the key and what is wrong with it; the
+    operation changed nothing. Delete the key (a primitive's state key: its holders
+    and waiters are then forgotten) or restore the value, after finding out what
+    wrote it.
+    """
 
 
 class ProtocolError(ServerError):

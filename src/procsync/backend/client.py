@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
+import ipaddress
 import logging
 import os
 import re
@@ -36,7 +38,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from typing import Any, NoReturn, Protocol, cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import hiredis
 import redis
@@ -49,6 +51,8 @@ from procsync import _config
 from procsync._validate import check_namespace
 from procsync.backend.scripts import SCRIPT_NAMES, script_source
 from procsync.errors import (
+    CorruptStateError,
+    ProcsyncError,
     ProtocolError,
     ServerError,
     ServerUnavailableError,
@@ -69,13 +73,26 @@ ScriptArg = str | int | float
 
 #: Idle connections kept per event loop and kind (script calls, pops); more are closed.
 MAX_IDLE_ASYNC = 32
+#: How long past its own timeout a pop's reply may come before the pop counts as
+#: failed (the server is frozen, or the network dropped it): a pop's socket timeout is
+#: its timeout plus this. A pop that fails so is never resent; its caller looks again.
+POP_GRACE = 0.5
+#: No call's socket timeout is set shorter than this, however close its deadline.
+MIN_CALL_TIMEOUT = 0.05
+#: Holds the run id of a server that started empty, written by whoever started it so
+#: (procsync.testing, the embedded server): no lease was ever granted before it, so
+#: its empty namespaces need no quiet period (see ``epoch.lua``).
+BORN_KEY = "procsync:born"
 
 
 class SyncConnection(Protocol):
     """What procsync uses of a redis-py connection (``redis.connection.Connection``)."""
 
     _sock: socket.socket | None
+    _parser: Any
     retry: redis.retry.Retry
+    socket_timeout: float | None
+    socket_connect_timeout: float | None
 
     def send_packed_command(self, command: list[bytes], check_health: bool = True) -> None: ...
     def read_response(self) -> Any: ...
@@ -89,6 +106,7 @@ class AsyncConnection(Protocol):
     _writer: asyncio.StreamWriter | None
     retry: redis.asyncio.retry.Retry
     socket_timeout: float | None
+    socket_connect_timeout: float | None
 
     async def send_packed_command(
         self, command: list[bytes], check_health: bool = True
@@ -121,6 +139,24 @@ def _pack(*parts: ScriptArg) -> bytes:
     return cast(bytes, _pack_command(parts))
 
 
+def _arm(conn: SyncConnection, timeout: float) -> None:
+    """Make ``timeout`` the socket timeout of ``conn`` for connecting, writing and
+    reading, also on the socket it has open now (redis-py keeps a copy of it in the
+    parser, to restore after a read with a timeout of its own)."""
+    conn.socket_timeout = timeout
+    conn.socket_connect_timeout = timeout
+    sock = conn._sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(timeout)
+    parser = conn._parser
+    if hasattr(parser, "_socket_timeout"):
+        parser._socket_timeout = timeout
+    buf = getattr(parser, "_buffer", None)
+    if buf is not None and hasattr(buf, "socket_timeout"):
+        buf.socket_timeout = timeout
+
+
 def _retries(retry: Any) -> int:
     """How many times a redis-py ``Retry`` tries again (``get_retries()``, which
     redis-py releases before 5.1 lack)."""
@@ -146,7 +182,7 @@ class _Lane:
     a fork is never used again.
     """
 
-    __slots__ = ("busy", "conn", "epoch", "poller", "sock", "spare")
+    __slots__ = ("armed", "busy", "conn", "epoch", "poller", "sock", "spare")
 
     def __init__(self, conn: SyncConnection, epoch: int, *, spare: bool = False) -> None:
         self.conn = conn
@@ -155,6 +191,14 @@ class _Lane:
         self.spare = spare  # a one-off connection for a nested call: closed after it
         self.poller: select.poll | None = None
         self.sock: socket.socket | None = None
+        #: The socket timeout set on conn (its client's until a call asks another).
+        self.armed: float | None = conn.socket_timeout
+
+    def arm(self, timeout: float) -> None:
+        """Give the connection this socket timeout (nothing to do if it has it)."""
+        if timeout != self.armed:
+            _arm(self.conn, timeout)
+            self.armed = timeout
 
     def ready(self) -> SyncConnection:
         """The connection, disconnected first if the server closed it while it sat
@@ -269,6 +313,102 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+#: The permissions procsync's commands (and its scripts' commands) need, as one ACL
+#: rule: EVALSHA / SCRIPT LOAD; BLPOP, and LPUSH + PEXPIRE in MULTI / EXEC; INFO and
+#: CONFIG GET (the server check; CONFIG GET is optional); PING; the registry's reads
+#: (SCAN, HGETALL, XREAD, ...); TIME and the data commands inside the scripts.
+ACL_RULES = (
+    "resetkeys ~procsync:* -@all +@read +@write -@dangerous "
+    "+evalsha +script|load +multi +exec +ping +info +time +config|get"
+)
+#: An ACL refusal: NOPERM, or the words the servers use for one inside a script.
+_ACL_DENIED = re.compile(
+    r"NOPERM|ACL failure|no permissions? to|can't run this command|can't access at least one",
+    re.IGNORECASE,
+)
+#: A runtime error of a script (Redis 7 / Valkey: "... script: ..., on @user_script:N.";
+#: Redis 6.2: "Error running script (call to f_...): @user_script:N: ...").
+_SCRIPT_ERROR = re.compile(r"user_script|script:|Error running script")
+_SCRIPT_LINE = re.compile(r"@user_script:(\d+)")
+
+
+@functools.cache
+def _fence_incr_lines() -> frozenset[int]:
+    """Line numbers at which some script INCRs the fencing counter and no script
+    increments anything else: an overflow reported there is the counter's."""
+    incr: set[int] = set()
+    other: set[int] = set()
+    for name in SCRIPT_NAMES:
+        for n, line in enumerate(script_source(name).splitlines(), 1):
+            if "'INCR'" in line:
+                incr.add(n)
+            elif "INCRBY" in line:
+                other.add(n)
+    return frozenset(incr - other)
+
+
+def _option_problem(exc: BaseException, scheme: str) -> str:
+    """What redis-py's error about a URL's query options means, in the URL's terms."""
+    text = str(exc)
+    m = re.search(r"unexpected keyword argument '(\w+)'", text)
+    if m:
+        opt = m.group(1)
+        tls = opt.startswith("ssl") and scheme != "rediss"
+        hint = " (TLS options need a rediss:// URL)" if tls else ""
+        return f"unknown option {opt!r} in its query string{hint}"
+    m = re.search(r"Certificate Requirements Flag: (.*)", text)
+    if m:
+        return f"ssl_cert_reqs={m.group(1)!r} is not one of none, optional, required"
+    return text
+
+
+def _url_problem(url: str, scheme: str) -> str | None:
+    """What is wrong with server URL ``url``, or None: the faults redis-py would only
+    meet when connecting, as an internal TypeError or UnicodeError. Nothing is sent."""
+    try:
+        url.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"it is not valid Unicode text (lone surrogate at position {exc.start})"
+    for i, ch in enumerate(url):
+        if ord(ch) < 32 or ord(ch) == 127:
+            return f"it contains the control character {ch!r} at position {i}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no port
+    except ValueError as exc:
+        return str(exc)
+    host = unquote(parts.hostname or "") if scheme != "unix" else ""
+    if host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+            for label in labels:
+                if not label:
+                    return "its host name is not a valid DNS name: it has an empty label"
+                try:
+                    size = len(label.encode("ascii"))
+                except UnicodeEncodeError:
+                    try:
+                        size = len(label.encode("idna"))
+                    except UnicodeError:
+                        return (
+                            f"its host name is not a valid DNS name: label {label!r} is not "
+                            "valid IDNA"
+                        )
+                if size > 63:
+                    return (
+                        f"its host name is not a valid DNS name: a label is {size} characters "
+                        "long; the limit is 63"
+                    )
+    try:
+        pool = redis.ConnectionPool.from_url(url)
+        pool.connection_class(**pool.connection_kwargs)
+    except (TypeError, ValueError, rex.RedisError) as exc:
+        return _option_problem(exc, scheme)
+    return None
+
+
 class Backend:
     """One server and namespace, as seen from this process.
 
@@ -289,9 +429,11 @@ class Backend:
         "_lock",
         "_password",
         "_scripts",
+        "_seen_quiet",
         "_shas",
         "_tls",
         "_wait",
+        "epoch_key",
         "fence_key",
         "gone_key",
         "namespace",
@@ -300,6 +442,7 @@ class Backend:
         "server_info",
         "sessions_key",
         "socket_timeout",
+        "ttl_hint",
         "url",
     )
 
@@ -311,6 +454,13 @@ class Backend:
             raise ValueError(
                 f"unsupported server URL {redact_url(url)!r}: use redis://, rediss:// or unix://"
             )
+        problem = _url_problem(url, scheme)
+        if problem is not None:
+            with contextlib.suppress(ValueError):
+                secret = urlsplit(url).password
+                if secret:
+                    problem = problem.replace(secret, "***")
+            raise ValueError(f"bad server URL {redact_url(url)!r}: {problem}")
         self.url = url
         self.safe_url = redact_url(url)
         self._password = urlsplit(url).password
@@ -318,7 +468,12 @@ class Backend:
         self.prefix = f"procsync:{{{self.namespace}}}:"
         self.sessions_key = self.prefix + "sessions"
         self.fence_key = self.prefix + "fence"
+        self.epoch_key = self.prefix + "epoch"
         self.gone_key = self.prefix + "gone"
+        #: The longest session ttl of this process here: the quiet period after lost
+        #: state lasts at least that long (sessions raise it when they open).
+        self.ttl_hint = _config.env_ttl()
+        self._seen_quiet = 0
         self.socket_timeout = _config.env_socket_timeout()
         self.server_info: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -350,7 +505,14 @@ class Backend:
         return text
 
     def translate(self, exc: BaseException) -> NoReturn:
-        """Raise the procsync exception for a redis-py exception, chained."""
+        """Raise the procsync exception for a redis-py exception, chained.
+
+        A procsync exception is raised as it is: a :class:`ServerUnavailableError` is
+        also an ``OSError``, which callers catch to translate, and its message must
+        not be wrapped in itself.
+        """
+        if isinstance(exc, ProcsyncError):
+            raise exc
         msg = self._scrub(str(exc))
         if isinstance(exc, rex.AuthenticationError):
             raise ServerUnavailableError(
@@ -361,14 +523,49 @@ class Backend:
                 f"cannot reach the procsync server at {self.safe_url}: {msg or type(exc).__name__}"
             ) from exc
         if isinstance(exc, rex.ResponseError):
+            # redis-py strips the NOPERM code from the message (NoPermissionError); an
+            # ACL refusal inside a script is a plain ERR with its own words.
+            if (
+                isinstance(exc, rex.NoPermissionError)
+                or getattr(exc, "status_code", None) == "NOPERM"
+                or _ACL_DENIED.search(msg)
+            ):
+                user = unquote(urlsplit(self.url).username or "") or "default"
+                raise ServerError(
+                    f"the server at {self.safe_url} denies procsync a command or key: "
+                    f"{msg.rstrip('. ')}. Give its ACL user what procsync needs: ACL SETUSER "
+                    f"{user} {ACL_RULES} (+config|get is optional: the eviction policy check; "
+                    "add +select if the URL names a database)"
+                ) from exc
             if msg.startswith("WRONGTYPE") or "WRONGTYPE" in msg:
                 raise WrongTypeError(
                     f"a key procsync uses on {self.safe_url} holds another type of value: {msg}"
                 ) from exc
-            if msg.startswith("NOPERM") or "NOPERM" in msg:
-                raise ServerError(
-                    f"the server at {self.safe_url} denies procsync a command ({msg}); the "
-                    "ACL user needs +@scripting +@read +@write +@stream +@connection"
+            # (an error of the server's own state -- OOM, READONLY, ... -- keeps its code)
+            if _SCRIPT_ERROR.search(msg) and getattr(exc, "status_code", "ERR") in ("ERR", None):
+                if "overflow" in msg:
+                    line = _SCRIPT_LINE.search(msg)
+                    if line and int(line.group(1)) in _fence_incr_lines():
+                        raise CorruptStateError(
+                            f"the fencing counter {self.fence_key} is at its maximum (the "
+                            f"server at {self.safe_url}: {msg.rstrip('. ')}); no lock or "
+                            f"semaphore of namespace {self.namespace!r} can be granted until "
+                            "it is fixed. Find what wrote it, then DEL it (it restarts from the "
+                            "server clock in microseconds; a resource that checks tokens and "
+                            "accepted one above that needs its last accepted token reset too)"
+                        ) from exc
+                    raise ServerError(
+                        f"a number procsync's script increments on {self.safe_url} would "
+                        f"overflow ({msg.rstrip('. ')}); that command changed nothing. A Value "
+                        "added to past 64-bit integers ends so; anything else means a key under "
+                        f"{self.prefix} holds a number procsync never writes"
+                    ) from exc
+                raise CorruptStateError(
+                    f"procsync's script failed on the server at {self.safe_url}: "
+                    f"{msg.rstrip('. ')}. A key "
+                    f"under {self.prefix} most likely holds a value procsync never writes "
+                    "(changed by hand or by another program); `procsync show NAME` lists a "
+                    "primitive's state. The script's writes before the failure stay"
                 ) from exc
             raise ServerError(f"the server at {self.safe_url} answered an error: {msg}") from exc
         if isinstance(exc, rex.RedisError):
@@ -393,8 +590,15 @@ class Backend:
                 health_check_interval=0,
                 client_name=None,
             )
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"bad server URL {self.safe_url}: {self._scrub(str(exc))}") from None
+        except (ValueError, TypeError, rex.RedisError) as exc:
+            problem = self._scrub(_option_problem(exc, urlsplit(self.url).scheme.lower()))
+            raise ValueError(f"bad server URL {self.safe_url!r}: {problem}") from None
+
+    @property
+    def reached(self) -> bool:
+        """True once this process has reached the server (its first-use check passed):
+        a failure after that is an outage to ride out, not a configuration error."""
+        return self._checked
 
     def cmd(self) -> redis.Redis:
         """The client for the server check, SCRIPT LOAD and other modules' commands
@@ -466,16 +670,22 @@ class Backend:
         script: str | None = None,
         keys: Sequence[str] = (),
         args: Sequence[ScriptArg] = (),
+        timeout: float | None = None,
     ) -> Any:
         """Send one packed command on this thread's call (or pop) lane and read its
         reply. ``script``: the command is its EVALSHA with ``keys`` and ``args``, sent
-        once more after loading it if the server does not know it."""
+        once more after loading it if the server does not know it. ``timeout``: the
+        socket timeout for this exchange (connecting, writing, reading), else the
+        client's."""
         lane = self._tls.pop if pop else self._tls.call
         if lane is None or lane.busy or lane.epoch != self._epoch:
             lane = self._new_lane(pop)
         conn = lane.ready()
+        lane.arm(self.socket_timeout if timeout is None else timeout)
         lane.busy = True
         try:
+            if not pop and script is not None and conn._sock is None:
+                self._look_at_state(conn)  # a new connection: has the server lost state?
             self._send(conn, packed)
             try:
                 return conn.read_response()
@@ -498,8 +708,60 @@ class Backend:
             if lane.spare:
                 conn.disconnect()
 
-    def call(self, script: str, keys: Sequence[str], args: Sequence[ScriptArg]) -> list[Any]:
+    def _epoch_args(self, born: Any) -> tuple[tuple[str, str], tuple[ScriptArg, ...]]:
+        """KEYS and ARGV of ``epoch.lua``."""
+        keys = (self.epoch_key, self.fence_key)
+        return keys, (self.prefix, int(self.ttl_hint * 1000), str(born or ""))
+
+    def _look_at_state(self, conn: SyncConnection) -> None:
+        """Before the first script call on a new connection: has this namespace's state
+        been lost, or the server restarted or failed over, since it was last looked at?
+        Then ``epoch.lua`` starts the quiet period before anything can be granted: the
+        first client back after such an event is the one that starts it."""
+        self._send(conn, _pack("GET", BORN_KEY))  # (connects)
+        keys, args = self._epoch_args(conn.read_response())
+        self._send(conn, _pack("EVALSHA", self._sha("epoch"), len(keys), *keys, *args))
+        try:
+            reply = conn.read_response()
+        except rex.NoScriptError:
+            sha = self._script_load(conn, "epoch")
+            self._send(conn, _pack("EVALSHA", sha, len(keys), *keys, *args))
+            reply = conn.read_response()
+        self._note_state(reply)
+
+    def _note_state(self, reply: Any) -> None:
+        """Log a quiet period once (every connection of the process hears of it)."""
+        try:
+            quiet, lost = int(reply[1]), int(reply[2])
+        except (TypeError, ValueError, IndexError):
+            raise ProtocolError(
+                f"epoch check on {self.safe_url}: malformed reply {reply!r:.100}"
+            ) from None
+        if quiet > self._seen_quiet:
+            self._seen_quiet = quiet
+            what = "lost the state" if lost else "restarted or failed over"
+            log.warning(
+                "the server at %s %s of namespace %r: nothing is granted there until every "
+                "lease from before has run out (%.1f s from its start)",
+                self.safe_url,
+                what,
+                self.namespace,
+                self.ttl_hint,
+            )
+
+    def call(
+        self,
+        script: str,
+        keys: Sequence[str],
+        args: Sequence[ScriptArg],
+        timeout: float | None = None,
+    ) -> list[Any]:
         """Run ``script`` atomically on the server and return its reply list.
+
+        ``timeout`` bounds the call (connecting, writing and reading; at least
+        :data:`MIN_CALL_TIMEOUT`); by default the ``PROCSYNC_SOCKET_TIMEOUT``. Callers
+        with a deadline pass what is left of it, so a frozen server never makes a call
+        overrun its caller's deadline by more than that minimum.
 
         One ``EVALSHA`` on this thread's own connection. If the server does not know
         the script (it restarted, or ``SCRIPT FLUSH``), it is loaded and the call sent
@@ -513,18 +775,24 @@ class Backend:
         """
         sha = self._shas.get(script) or self._sha(script)
         packed = _pack("EVALSHA", sha, len(keys), *keys, *args)
-        return self._check_reply(script, self._exchange(False, packed, script, keys, args))
+        t = None if timeout is None else max(MIN_CALL_TIMEOUT, min(timeout, self.socket_timeout))
+        return self._check_reply(script, self._exchange(False, packed, script, keys, args, t))
 
-    def pop(self, key: str, timeout: float) -> str | None:
+    def pop(self, key: str, timeout: float, grace: float = POP_GRACE) -> str | None:
         """Block until a value is pushed onto list ``key`` or ``timeout`` seconds pass
         (at most :data:`MAX_POP_SECONDS`); return it, or None.
 
-        One ``BLPOP`` on this thread's own pop connection (the ``wait`` client's socket
-        timeout, just above the longest pop), with the same checks, retry rule and
-        error handling as :meth:`call`.
+        One ``BLPOP`` on this thread's own pop connection, with the same checks, retry
+        rule and error handling as :meth:`call`. Its socket timeout is the pop's own
+        plus ``grace``: a server that does not answer by then (frozen, or cut off)
+        makes it raise :class:`ServerUnavailableError` -- never a hang. The value the
+        server may have popped meanwhile is lost with the connection; callers look
+        again (a grant is found again by its waiter id, see ``permits.lua``).
         """
         secs = max(0.001, min(timeout, MAX_POP_SECONDS))
-        got = self._exchange(True, _pack("BLPOP", key, round(secs, 3)))
+        got = self._exchange(
+            True, _pack("BLPOP", key, round(secs, 3)), timeout=secs + max(grace, MIN_CALL_TIMEOUT)
+        )
         if got is None:
             return None
         return str(got[1])
@@ -616,8 +884,10 @@ class Backend:
                 socket_connect_timeout=min(self.socket_timeout, 5.0),
                 **kw,
             )
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"bad server URL {self.safe_url}: {self._scrub(str(exc))}") from None
+            _amake_connection(cmd)  # redis.asyncio's connections take the URL's options
+        except (ValueError, TypeError, rex.RedisError) as exc:
+            problem = self._scrub(_option_problem(exc, urlsplit(self.url).scheme.lower()))
+            raise ValueError(f"bad server URL {self.safe_url!r}: {problem}") from None
         if got is not None:
             _adrop_later(got)
         fresh = self._aclients[loop] = _LoopConns(cmd, wait, self._epoch)
@@ -694,8 +964,9 @@ class Backend:
         script: str | None = None,
         keys: Sequence[str] = (),
         args: Sequence[ScriptArg] = (),
+        timeout: float | None = None,
     ) -> Any:
-        """Async twin of :meth:`_exchange`.
+        """Async twin of :meth:`_exchange` (``timeout`` likewise).
 
         The exchange runs on a connection taken from the running loop's free list of
         call (or pop) connections, or a new one, and used by this task alone; it goes
@@ -706,9 +977,13 @@ class Backend:
         st = self._aconns()
         free = st.pops if pop else st.calls
         conn = free.pop() if free else _amake_connection(st.wait if pop else st.cmd)
+        t = self.socket_timeout if timeout is None else timeout
+        conn.socket_timeout = conn.socket_connect_timeout = t
         try:
             if _a_closed_while_idle(conn):
                 await conn.disconnect(nowait=True)
+            if not pop and script is not None and conn._writer is None:
+                await self._alook_at_state(conn)
             await self._asend(conn, packed)
             try:
                 reply = await conn.read_response()
@@ -730,13 +1005,35 @@ class Backend:
         await self._agive_back(st, free, conn)
         return reply
 
-    async def acall(self, script: str, keys: Sequence[str], args: Sequence[ScriptArg]) -> list[Any]:
+    async def _alook_at_state(self, conn: AsyncConnection) -> None:
+        """Async twin of :meth:`_look_at_state`."""
+        await self._asend(conn, _pack("GET", BORN_KEY))
+        keys, args = self._epoch_args(await conn.read_response())
+        await self._asend(conn, _pack("EVALSHA", self._sha("epoch"), len(keys), *keys, *args))
+        try:
+            reply = await conn.read_response()
+        except rex.NoScriptError:
+            await self._asend(conn, _pack("SCRIPT", "LOAD", script_source("epoch")))
+            sha = self._shas["epoch"] = str(await conn.read_response())
+            await self._asend(conn, _pack("EVALSHA", sha, len(keys), *keys, *args))
+            reply = await conn.read_response()
+        self._note_state(reply)
+
+    async def acall(
+        self,
+        script: str,
+        keys: Sequence[str],
+        args: Sequence[ScriptArg],
+        timeout: float | None = None,
+    ) -> list[Any]:
         """Async twin of :meth:`call`, with :meth:`_aexchange`'s rules for connections."""
         if not self._checked:
             await self.acheck()
         sha = self._shas.get(script) or self._sha(script)
         packed = _pack("EVALSHA", sha, len(keys), *keys, *args)
-        return self._check_reply(script, await self._aexchange(False, packed, script, keys, args))
+        t = None if timeout is None else max(MIN_CALL_TIMEOUT, min(timeout, self.socket_timeout))
+        reply = await self._aexchange(False, packed, script, keys, args, t)
+        return self._check_reply(script, reply)
 
     async def apush(self, key: str, value: str, ttl_ms: int = 120_000) -> None:
         """Push ``value`` onto list ``key`` (expiring after ``ttl_ms``): how a cancelled
@@ -752,10 +1049,12 @@ class Backend:
         except OSError as exc:
             self.translate(exc)
 
-    async def apop(self, key: str, timeout: float) -> str | None:
+    async def apop(self, key: str, timeout: float, grace: float = POP_GRACE) -> str | None:
         """Async twin of :meth:`pop`, with :meth:`_aexchange`'s rules for connections."""
         secs = max(0.001, min(timeout, MAX_POP_SECONDS))
-        got = await self._aexchange(True, _pack("BLPOP", key, round(secs, 3)))
+        got = await self._aexchange(
+            True, _pack("BLPOP", key, round(secs, 3)), timeout=secs + max(grace, MIN_CALL_TIMEOUT)
+        )
         if got is None:
             return None
         return str(got[1])

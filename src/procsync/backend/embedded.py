@@ -21,6 +21,8 @@ no one else; procsync refuses to use it otherwise. It holds::
     state.json        binary, idle timeout, server pid, start time
     supervisor.log    the supervisor's log, and the server's stderr
     server.log        the server's own log (level "warning")
+    in-use            exists while a server runs that clients may hold leases on, and
+                      after one that ended with clients connected (a crash, a stop)
 
 Start protocol (:func:`ensure_running`). Under the directory's flock: PING the
 socket; if something answers, use it. Otherwise start a *supervisor*
@@ -43,7 +45,11 @@ Failure model. The server dies with its supervisor (``PR_SET_PDEATHSIG`` on Linu
 and the supervisor exits when its server does, so the two are never left apart for
 long; a stale pid file is recognised by checking that the pid is a live supervisor
 for this directory. All data is in memory only: a server that stops loses every
-lock, and the fencing tokens' epoch (maintained by the session layer) covers that.
+lock. A server started after one that ended idle (or the first) is marked born empty
+(``procsync:born``), so procsync grants at once; one started after a server that
+ended with clients connected (``in-use`` left behind) is not: procsync then grants
+nothing until every lease from before could have run out (the quiet period of
+``epoch.lua``), and holders of the old server learn they lost their holds first.
 Processes are only ever signalled by the pid in this directory's pid file, after
 checking it is the supervisor of this directory; nothing is found or killed by name.
 """
@@ -111,6 +117,7 @@ _PID_NAME: Final = "supervisor.pid"
 _STATE_NAME: Final = "state.json"
 _SUPERVISOR_LOG: Final = "supervisor.log"
 _SERVER_LOG: Final = "server.log"
+_IN_USE: Final = "in-use"
 _MODULE: Final = "procsync.backend.embedded"
 _CLIENT_NAME: Final = "procsync-supervisor"
 
@@ -383,6 +390,16 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _mark_born(client: redis.Redis) -> None:
+    """Record on a server just started empty that no lease was granted before it."""
+    from procsync.backend.client import BORN_KEY
+
+    try:
+        client.set(BORN_KEY, str(client.info("server")["run_id"]))
+    except (redis.RedisError, OSError, KeyError) as exc:
+        log.warning("could not mark the new server born empty: %s", exc)
+
+
 def _remove_files_of(d: Path, supervisor_pid: int) -> None:
     """Remove the pid and state files if they still describe ``supervisor_pid``."""
     if _read_pid(d / _PID_NAME) == supervisor_pid:
@@ -474,6 +491,10 @@ def stop(directory: Path | None = None, *, timeout: float = 15.0) -> bool:
         if _answers(sock):
             try:
                 with _client(sock, timeout) as r:
+                    # Nobody but the supervisor and us: no lease ends with the server.
+                    if int(r.info("clients").get("connected_clients", 99)) <= 2:
+                        with contextlib.suppress(FileNotFoundError):
+                            (d / _IN_USE).unlink()
                     r.shutdown(nosave=True)
             except redis.RedisError as exc:
                 raise EmbeddedServerError(f"SHUTDOWN failed at {_url(sock)}: {exc}") from exc
@@ -758,6 +779,8 @@ def _watch(proc: subprocess.Popen[bytes], client: redis.Redis, d: Path, idle: fl
                 continue
             log.info("no client for %g s: shutting the server down", idle)
             _shutdown_server(proc, client)
+            with contextlib.suppress(FileNotFoundError):
+                (d / _IN_USE).unlink()  # nobody held anything: the next one starts clean
             _remove_files_of(d, os.getpid())  # under the lock: no one sees a stale file
             return 0
         finally:
@@ -832,6 +855,9 @@ def _supervise(
             return 1
         state["server_pid"] = proc.pid
         _write_atomic(d / _STATE_NAME, json.dumps(state))
+        if not (d / _IN_USE).exists():  # the last server ended with nobody connected
+            _mark_born(client)
+        (d / _IN_USE).touch()
         report(f"ok {proc.pid}")
         return _watch(proc, client, d, idle)
     except _Terminate:

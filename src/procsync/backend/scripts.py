@@ -17,7 +17,7 @@ from importlib import resources
 __all__ = ["PRELUDES", "SCRIPT_NAMES", "script_source"]
 
 #: Every script procsync runs. The contract of each is in the header of its file.
-SCRIPT_NAMES = ("session", "permits", "event", "cond", "barrier", "value")
+SCRIPT_NAMES = ("session", "permits", "event", "cond", "barrier", "value", "epoch")
 
 #: Script name -> the file run before the library for it (same KEYS and ARGV).
 PRELUDES = {"permits": "permits_fast"}

@@ -118,7 +118,7 @@ def ps(alive: bool, as_json: bool, url: str | None, namespace: str | None) -> No
         return
     try:
         rows = registry.sessions(include_ended=not alive, url=url, namespace=namespace)
-    except ProcsyncError as exc:
+    except (ProcsyncError, ValueError) as exc:
         raise _fail(exc) from exc
     if as_json:
         click.echo(_dump(rows))
@@ -186,7 +186,7 @@ def ls(kind: str | None, as_json: bool, url: str | None, namespace: str | None) 
         return
     try:
         rows = registry.primitives(kind=kind, url=url, namespace=namespace)
-    except ProcsyncError as exc:
+    except (ProcsyncError, ValueError) as exc:
         raise _fail(exc) from exc
     if as_json:
         click.echo(_dump(rows))
@@ -311,7 +311,7 @@ def watch(
                 f"[dim]{ev.session_id[:8]} {ev.id}[/]{extra}",
                 highlight=False,
             )
-    except ProcsyncError as exc:
+    except (ProcsyncError, ValueError) as exc:
         raise _fail(exc) from exc
     except KeyboardInterrupt:
         pass

@@ -5,18 +5,30 @@ notify can fall between them), pops its inbox until notified or timed out, and
 leaves the list; re-acquiring the lock is the caller's next operation
 (:func:`procsync.core.permits.acquire`), done even when the wait is interrupted,
 as threading and asyncio do.
+
+Faults: ``wait`` sent again after a lost reply finds its first run (it joined, the
+lock was released) and answers the same. A waiter whose pop failed cannot know
+whether a notification was popped and lost with the connection, so it wakes: a
+spurious wake-up, which Condition's contract allows (callers re-check their
+predicate), never a lost one. A waiter whose session was lost wakes the same way
+(the front re-acquires the lock in a new session). ``notify`` sent again may wake
+more waiters than asked: spurious wake-ups again, never fewer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from procsync.backend.client import MAX_POP_SECONDS
 from procsync.core.permits import PermitsRef
 from procsync.core.steps import (
+    DEFERRED,
+    POP_FAILED,
     WAKE,
     Call,
+    Cleanup,
     Op,
     Pop,
     SessionGone,
@@ -71,8 +83,9 @@ def _unexpected(ref: CondRef, reply: list[Any]) -> Exception:
     return ProtocolError(f"{ref.describe()}: unexpected reply {reply!r:.200}")
 
 
-def wait(ref: CondRef, sess: SessionView, deadline: float | None, now: Any) -> Op:
-    """Release the lock and wait for a notify; True if notified, False on timeout.
+def wait(ref: CondRef, sess: SessionView, deadline: float | None, now: Callable[[], float]) -> Op:
+    """Release the lock and wait for a notify; True if notified (or woken spuriously,
+    see the module docstring), False on timeout.
 
     The lock is *not* re-acquired here (see the module docstring).
     """
@@ -86,18 +99,30 @@ def wait(ref: CondRef, sess: SessionView, deadline: float | None, now: Any) -> O
     if status != "waiting":
         raise _unexpected(ref, reply)
     inbox = f"{ref.lock.backend.prefix}in:{wid}"
+    leave = Cleanup(lambda: _leave(ref, sess.id, wid), f"leaving {ref.describe()}")
     try:
         while True:
             left = None if deadline is None else deadline - now()
             if left is not None and left <= 0:
                 break
             got = yield Pop(inbox, MAX_POP_SECONDS if left is None else min(left, MAX_POP_SECONDS))
+            if got == POP_FAILED:
+                yield leave
+                return True  # a notification may have been lost with the pop: wake
             if got is not None and got != WAKE:
                 return True
-    except BaseException:
-        yield ref.call("cancel", sess.id, wid)
+    except SessionGone:
         raise
-    reply = yield ref.call("cancel", sess.id, wid)
+    except BaseException:
+        yield leave
+        raise
+    notified = yield leave
+    return notified is DEFERRED or bool(notified)
+
+
+def _leave(ref: CondRef, sid: str, wid: str) -> Op:
+    """Waiter ``wid`` leaves the list; True if a notification came first."""
+    reply = yield ref.call("cancel", sid, wid)
     return reply[0] == "notified"
 
 

@@ -15,17 +15,41 @@ Waiting is a FIFO queue on the server. A release grants the freed permit to the 
 waiter inside the same script and pushes the fencing token onto that waiter's inbox,
 so the woken waiter owns the permit without another round trip. A waiter also looks
 again when the earliest holder lease ends, so a lost wake-up costs at most one lease.
+
+Faults. Every call here may be sent again after its reply was lost and answers as
+its first run did (``permits.lua``: a grant is recorded with the waiter id it went
+to, a lock's release names the grant it ends, a semaphore's release has an id):
+
+==========================================  ==========================================
+what fails                                  what happens
+==========================================  ==========================================
+acquire's reply lost (reset, timeout,       sent again with the same waiter id: the
+garbled)                                    grant it got, or its place in the queue
+a waiter's pop lost with its connection     it looks again: a grant popped and lost is
+                                            found by its waiter id
+the server restarted and dropped the queue  looking again joins it anew
+the wait ends otherwise than with a grant   a clean-up leaves the queue and gives back a
+(timeout, interrupt, cancellation) after a  grant that may have come (:func:`give_up`):
+call that may have queued or granted        now, or kept by the session until the
+                                            server answers
+release's reply lost                        sent again: released once
+release cannot reach the server at all      kept by the session and sent when the
+                                            server answers; the hold is given up here
+==========================================  ==========================================
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from procsync.backend.client import MAX_POP_SECONDS, Backend
 from procsync.core.steps import (
+    POP_FAILED,
     WAKE,
     Call,
+    Cleanup,
     HolderInfo,
     Op,
     Pop,
@@ -44,6 +68,7 @@ from procsync.errors import (
     NotOwnerError,
     OverReleaseError,
     ProtocolError,
+    ServerError,
 )
 
 __all__ = [
@@ -52,10 +77,12 @@ __all__ = [
     "PermitsRef",
     "acquire",
     "first_call",
+    "give_up",
     "parse_token",
     "release",
     "release_call",
     "release_result",
+    "send_again",
     "state",
 ]
 
@@ -121,6 +148,14 @@ def _parse_queued(reply: list[Any]) -> tuple[list[HolderInfo], list[HolderInfo]]
     return parse_holders(reply[3 : 3 + 7 * n]), parse_holders(reply[3 + 7 * n :])
 
 
+def _quiet_left(reply: list[Any]) -> float:
+    """Seconds until the quiet period of a ``quiet`` reply ends, by the server's clock."""
+    try:
+        return max(0.0, (int(reply[2]) - int(reply[1])) / 1000.0)
+    except (IndexError, TypeError, ValueError):
+        raise ProtocolError(f"malformed quiet reply {reply!r:.200}") from None
+
+
 def lease_left(server_now: Any, holders: list[HolderInfo]) -> float:
     """Seconds until the earliest holder lease ends, by the server's clock (no holder,
     e.g. a Semaphore(0) waiting for a release: the longest single pop)."""
@@ -136,31 +171,30 @@ def lease_left(server_now: Any, holders: list[HolderInfo]) -> float:
 def acquire(
     ref: PermitsRef,
     sess: SessionView,
+    wid: str,
     blocking: bool,
     deadline: float | None,
-    now: Any,
-    resume: tuple[str, list[Any]] | None = None,
+    now: Callable[[], float],
+    reply: list[Any] | None = None,
 ) -> Op:
-    """Take one permit. Returns the fencing token, or None if not granted in time.
+    """Take one permit as waiter ``wid``. Returns the fencing token, or None if not
+    granted in time.
 
     ``deadline`` is a value of the monotonic clock ``now()`` (None: no limit).
+    ``reply`` is the reply of a first ``acquire`` call the caller made itself (a
+    front's direct path, see :func:`first_call`); None: the operation makes it (also
+    when the caller's call failed: sent again, it answers as it would have).
     Raises SessionGone (nothing changed) when the server does not know ``sess``.
-    If interrupted while queued (KeyboardInterrupt, task cancelled) it leaves the
-    queue, and gives back a permit granted in the meantime, before re-raising.
-
-    ``resume`` is ``(waiter id, reply)`` of a first ``acquire`` call the caller made
-    itself (a front's direct path, see :func:`first_call`): the operation goes on from
-    that reply instead of making the call.
+    If it ends any other way than with a grant or a plain "busy" -- interrupted
+    (KeyboardInterrupt, task cancelled), the server unreachable past the budget --
+    it leaves the queue and gives back a permit granted in the meantime (a
+    :class:`Cleanup`, see :func:`give_up`) before re-raising.
     """
-    if resume is None:
-        wid, call = first_call(ref, sess, blocking)
-        reply = yield call
-    else:
-        wid, reply = resume
     inbox = ref.inbox(wid)
     b = ref.backend
-    queued = False
     try:
+        if reply is None:
+            reply = yield ref.call("acquire", sess.id, wid, 1 if blocking else 0)
         while True:
             status = reply[0]
             if status == "ok":
@@ -169,74 +203,113 @@ def acquire(
                 return None
             if status == "nosession":
                 raise SessionGone()
-            if status != "queued":
+            if status == "quiet":
+                # The server lost state: nothing is granted until every old lease has
+                # run out. A blocking waiter is queued; it looks again then.
+                if not blocking:
+                    return None
+                lease_end = now() + _quiet_left(reply)
+            elif status != "queued":
                 check_common(reply, ref.describe)
                 raise ProtocolError(f"{ref.describe()}: unexpected reply {reply!r:.200}")
-            queued = True
-            holders, ahead = _parse_queued(reply)
-            dead = sess.watch_holders(holders + ahead, inbox)
-            if dead:
-                yield from reap(b.prefix, b.sessions_key, b.gone_key, dead)
-                reply = yield ref.call("acquire", sess.id, wid, 1)
-                continue
-            # Look again when the earliest holder lease runs out (its session is then
-            # reaped by whoever meets it first, possibly us), or when the budget ends.
-            lease_end = now() + lease_left(reply[1], holders)
+            else:
+                holders, ahead = _parse_queued(reply)
+                dead = sess.watch_holders(holders + ahead, inbox)
+                if dead:
+                    yield from reap(b.prefix, b.sessions_key, b.gone_key, dead)
+                    reply = yield ref.call("acquire", sess.id, wid, 1)
+                    continue
+                # Look again when the earliest holder lease runs out (its session is
+                # then reaped by whoever meets it first, possibly us), or when the
+                # budget ends.
+                lease_end = now() + lease_left(reply[1], holders)
             while True:
                 left = None if deadline is None else deadline - now()
                 if left is not None and left <= 0:
-                    reply = yield ref.call("cancel", sess.id, wid)
-                    queued = False
+                    try:
+                        reply = yield ref.call("cancel", sess.id, wid)
+                    except ServerError:
+                        # Busy when last seen; a grant that came since goes back.
+                        yield Cleanup(lambda: give_up(ref, sess.id, wid), _leaving(ref))
+                        return None
                     return parse_token(reply[1]) if reply[0] == "ok" else None
                 wait = min(MAX_POP_SECONDS, max(0.0, lease_end - now()) + LEASE_MARGIN_S)
                 if left is not None:
                     wait = min(wait, left)
                 got = yield Pop(inbox, wait)
-                if got is None or got == WAKE:
+                if got is None or got in (WAKE, POP_FAILED):
                     if deadline is not None and now() >= deadline:
                         continue  # the budget is spent: cancel at the top
-                    break  # a lease may have ended: look again
+                    break  # a lease may have ended, or the pop failed: look again
                 notice = parse_notice(got, "w:")
                 if notice is None:
-                    queued = False
                     return parse_token(got)
                 # We became the head of the queue: watch the new holder.
                 dead = sess.watch_holders([notice], inbox)
                 if dead:
                     yield from reap(b.prefix, b.sessions_key, b.gone_key, dead)
             reply = yield ref.call("acquire", sess.id, wid, 1)
+    except SessionGone:
+        raise  # the session's end took its place in the queue and anything granted
     except BaseException:
-        if queued:
-            reply = yield ref.call("cancel", sess.id, wid)
-            if reply[0] == "ok":
-                yield ref.call("release", sess.id, 1)
+        yield Cleanup(lambda: give_up(ref, sess.id, wid), _leaving(ref))
         raise
 
 
+def _leaving(ref: PermitsRef) -> str:
+    return f"leaving the queue of {ref.describe()}"
+
+
+def give_up(ref: PermitsRef, sid: str, wid: str) -> Op:
+    """Waiter ``wid`` of session ``sid`` leaves the queue, and gives back what it may
+    have been granted (by a reply or a pop that never arrived). Idempotent: run
+    again, it finds nothing more to do."""
+    reply = yield ref.call("cancel", sid, wid)
+    if reply[0] == "ok":
+        yield ref.call("release", sid, 1, 1, wid)
+    elif reply[0] != "cancelled":
+        check_common(reply, ref.describe)
+
+
 def first_call(ref: PermitsRef, sess: SessionView, blocking: bool) -> tuple[str, Call]:
-    """The waiter id and the first call :func:`acquire` would make: a front may make
-    it directly (no generator, no driver) and hand the reply back as ``resume``
+    """A new waiter id and the first call :func:`acquire` would make: a front may make
+    it directly (no generator, no driver) and hand the reply to :func:`acquire`
     unless it is a plain grant."""
     wid = sess.new_waiter_id()
     return wid, ref.call("acquire", sess.id, wid, 1 if blocking else 0)
 
 
-def release(ref: PermitsRef, sess: SessionView | None, n: int, held_locally: bool) -> Op:
+def release(
+    ref: PermitsRef, sess: SessionView | None, n: int, held_locally: bool, grant: str = ""
+) -> Op:
     """Give back ``n`` permits. Returns how many waiters were woken.
 
     ``held_locally`` says whether this process believes it holds the primitive: a
     lock the server says is not ours then means the hold was lost (LockLostError),
-    not misuse.
+    not misuse. ``grant``: a lock's release names the waiter id of the grant it
+    ends; a semaphore's release gets an id of its own -- either way, the call sent
+    again after its reply was lost releases nothing more.
     """
-    reply = yield release_call(ref, sess, n, held_locally)
+    reply = yield release_call(ref, sess, n, held_locally, grant)
     return release_result(ref, reply, held_locally)
 
 
-def release_call(ref: PermitsRef, sess: SessionView | None, n: int, held_locally: bool) -> Call:
+def release_call(
+    ref: PermitsRef, sess: SessionView | None, n: int, held_locally: bool, grant: str = ""
+) -> Call:
     """The one call :func:`release` makes (a front may make it directly and hand the
     reply to :func:`release_result`)."""
     sid = sess.id if sess is not None else "-"
-    return ref.call("release", sid, n, 1 if held_locally else 0)
+    if ref.kind in ("sem", "bsem") and sess is not None:
+        grant = sess.new_waiter_id()  # the release's own id
+    return ref.call("release", sid, n, 1 if held_locally else 0, grant)
+
+
+def send_again(call: Call) -> Op:
+    """A release the server could not confirm, kept by the session: sent again until
+    answered. Whatever it answers is fine: the hold ended, by this release or with
+    its session."""
+    yield call
 
 
 def release_result(ref: PermitsRef, reply: list[Any], held_locally: bool) -> int:

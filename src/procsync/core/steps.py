@@ -1,4 +1,30 @@
-"""The steps a core operation yields, and the helpers every core module shares."""
+"""The steps a core operation yields, and the helpers every core module shares.
+
+A core operation is a generator of steps, run by a driver (:mod:`procsync._drivers`),
+which owns every rule about server and network faults. What an operation may rely
+on, step by step:
+
+``Call``
+    Every script call is idempotent: sent again with the same arguments after its
+    reply never came (a reset after the write, a timeout, a garbled reply) it answers
+    as its first run did and changes nothing twice (waiter ids, grant records and
+    release ids in the scripts). So the driver resends a call that failed, with
+    jittered backoff, until the operation's budget is spent; only then is the error
+    thrown in, and the call's effect is unknown. The one exception is marked
+    ``once`` (a Barrier arrival): its failure is thrown in at once.
+``Pop``
+    A pop whose connection failed is not resent (the server may have popped a value
+    that is now lost): the driver backs off and sends :data:`POP_FAILED`, and the
+    operation looks again, by a call that finds what the lost value carried.
+``Cleanup``
+    An idempotent clean-up (leave a queue, give back a grant): run now if the server
+    answers; else kept by the session, and run again until it is confirmed or the
+    session ends (which ends everything it held). Its result is the clean-up's, or
+    :data:`DEFERRED`.
+
+A driver throws :class:`SessionGone` in at any step once the caller's session is lost
+(the client-side deadline passed, or the server no longer knows it).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +33,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
 from procsync._identity import boot_id, pid_alive
-from procsync.errors import ConflictError, ProtocolError, WrongTypeError
+from procsync.errors import ConflictError, CorruptStateError, ProtocolError, WrongTypeError
 
 __all__ = [
+    "DEFERRED",
+    "POP_FAILED",
     "WAKE",
     "Call",
+    "Cleanup",
     "HolderInfo",
     "Op",
     "Pop",
@@ -32,14 +61,26 @@ ScriptArg: TypeAlias = "str | int | float"
 #: a core operation that pops it just looks again (scripts never take it for a grant).
 WAKE = "wake"
 
+#: What a pop returns when its connection failed (no script pushes such a value): what
+#: the server may have popped for the caller is lost, so the operation looks again.
+POP_FAILED = "\x00pop-failed"
+
+#: What a :class:`Cleanup` returns when the server could not be reached: the session
+#: keeps the clean-up and runs it when the server answers again.
+DEFERRED: Any = object()
+
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """Run Lua script ``script`` with ``keys`` and ``args``; the result is its reply list."""
+    """Run Lua script ``script`` with ``keys`` and ``args``; the result is its reply list.
+
+    ``once``: not idempotent, so never sent again: a failure is thrown in at once and
+    the operation finds out what happened by other calls (a Barrier arrival)."""
 
     script: str
     keys: tuple[str, ...]
     args: tuple[ScriptArg, ...]
+    once: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +92,18 @@ class Pop:
     timeout: float
 
 
-Step: TypeAlias = "Call | Pop"
+@dataclass(frozen=True, slots=True)
+class Cleanup:
+    """Run the idempotent operation ``make()`` now, or keep it in the session to run
+    until confirmed (see the module docstring). ``what`` names it in logs.
+    ``now=False``: keep it at once (the caller already tried for its budget)."""
+
+    make: Callable[[], Op]
+    what: str
+    now: bool = True
+
+
+Step: TypeAlias = "Call | Pop | Cleanup"
 Op: TypeAlias = "Generator[Step, Any, Any]"
 
 
@@ -155,8 +207,48 @@ def parse_holders(flat: list[Any]) -> list[HolderInfo]:
 
 
 def check_common(reply: list[Any], what: Callable[[], str]) -> None:
-    """Raise for the replies every script may give: wrong key type, kind conflict."""
+    """Raise for the replies every script may give: wrong key type, kind conflict,
+    corrupt state: ``{'corrupt', field, value (None: missing), key}`` for a field of a
+    state hash, ``{'corrupt', key, value}`` for a key that is one value (the fencing
+    counter)."""
     status = reply[0]
+    if status == "corrupt":
+        field, value, key = [*reply[1:4], None, None, None][:3]
+        field = str(field)
+        if key is None and ":" in field:  # a whole key: {'corrupt', key, value}
+            key, field = field, ""
+        shown = f"{str(value)!r:.100}"
+        if field:
+            where = f"its key {key}" if key else "its key"
+            wrong = (
+                f"{where} has no field {field!r}, which procsync always writes"
+                if value is None
+                else f"{where} has {field}={shown}, a value procsync never writes"
+            )
+            fix = (
+                "Delete the key (its holders and waiters are then forgotten) or restore "
+                "the field, once you know what wrote it"
+            )
+        elif str(key).endswith(":fence"):
+            big = str(value).isdigit() and int(str(value)) >= 2**53 - 1
+            wrong = (
+                f"the fencing counter {key} is at its maximum ({shown})"
+                if big
+                else f"the fencing counter {key} holds {shown}, which is not a fencing token"
+            )
+            fix = (
+                "No lock or semaphore of the namespace can be granted until it is fixed: find "
+                "what wrote it, then DEL the counter (it restarts from the server clock in "
+                "microseconds; a resource that checks tokens and accepted one above that "
+                "needs its last accepted token reset too)"
+            )
+        else:
+            wrong = f"the key {key} holds {shown}, a value procsync never writes"
+            fix = "Delete the key or restore it, once you know what wrote it"
+        raise CorruptStateError(
+            f"{what()}: {wrong} (changed by hand or by another program?); nothing was "
+            f"changed. {fix}"
+        )
     if status == "wrongtype":
         raise WrongTypeError(
             f"{what()}: its key holds a Redis {reply[1]!r}, written by something other than "

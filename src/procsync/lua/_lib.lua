@@ -5,7 +5,9 @@ so all of them share one hash tag and one Redis Cluster slot; a script may there
 touch a primitive and the session registry together.
 
   P.."sessions"        ZSET  session id -> lease deadline (server ms)       [declared]
-  P.."fence"           STRING fencing-token counter for the namespace       [declared]
+  P.."fence"           STRING fencing-token counter for the namespace; ahead of
+                       the clock during a quiet period (epoch.lua)          [declared]
+  P.."epoch"           HASH  the server run the state was last seen on      [declared]
   P.."s:"..sid         HASH  session identity and state                     [derived]
   P.."h:"..sid         SET   state keys this session holds or waits in      [derived]
   P.."in:"..wid        LIST  one waiter's inbox: grants are pushed here     [derived]
@@ -23,9 +25,9 @@ deadline in P.."sessions" is in the future. An expired session is reaped
 (reap_session) by whichever script meets it first.
 
 permits_fast.lua runs before this library (for permits.lua only) and repeats, inline,
-now_ms, alive, next_token, sid_of, queued_in, identity_notice, INBOX_TTL_MS and
-permits_dispatch of one permit: a change to any of them must be made there too
-(tests/test_permits_script.py compares the two paths).
+now_ms, alive, next_token, corrupt_fence, sid_of, queued_in, identity_notice,
+INBOX_TTL_MS and permits_dispatch of one permit: a change to any of them must be made
+there too (tests/test_permits_script.py compares the two paths).
 ]]
 
 local RETENTION_MS = 3600000      -- how long an ended session stays listed
@@ -64,16 +66,43 @@ local function alive(P, sid, now)
   return nil
 end
 
--- Next fencing token of the namespace. A missing counter means a fresh server or
--- lost data: it restarts from the server clock in microseconds, which is above every
--- token handed out before as long as fewer than one grant per microsecond was made.
-local function next_token(P)
+-- Next fencing token of the namespace: one more than the last, and never below the
+-- server clock in microseconds (now_ms * 1000). So tokens strictly increase, and also
+-- dominate every token handed out before a restart that lost the counter or a failover
+-- to a replica whose counter lagged -- as long as the servers' clocks agree to within
+-- the time such an event takes (a new primary's clock is ahead of the old one's at the
+-- moment it failed). Fewer than 1000 grants per millisecond keep the counter at the
+-- clock; each grant costs a script, so the counter never runs ahead of it for long.
+-- A counter that is not a non-negative integer below 2^53 (written by something
+-- else) is an error before anything is written (see corrupt_fence).
+local TOKEN_MAX = 9007199254740991  -- 2^53 - 1: exact in Lua's numbers
+
+local function corrupt_fence(P)
+  local v = redis.call('GET', P .. 'fence')
+  if not v then return nil end
+  local n = tonumber(v)
+  if not n or n < 0 or n ~= math.floor(n) or n >= TOKEN_MAX then return v end
+  return nil
+end
+
+-- A counter more than this ahead of the clock (microseconds) is a quiet period after
+-- lost state (epoch.lua): nothing is granted until the clock catches up.
+local QUIET_SLACK_US = 1000000
+
+-- The quiet period's end (ms), or nil when grants may be made at server time now.
+local function quiet_until(P, now)
+  local c = tonumber(redis.call('GET', P .. 'fence') or '0') or 0
+  if c + 1 > now * 1000 + QUIET_SLACK_US then return math.floor(c / 1000) - 1000 end
+  return nil
+end
+
+-- (callers check quiet_until first: during a quiet period nothing is granted)
+local function next_token(P, now)
   local f = P .. 'fence'
-  local t = redis.call('INCR', f)
-  if t == 1 then
-    t = now_us()
-    redis.call('SET', f, string.format('%d', t))
-  end
+  local t = tonumber(redis.call('GET', f) or '0') + 1
+  local floor = now * 1000
+  if t < floor then t = floor end
+  redis.call('SET', f, string.format('%d', t))
   return t
 end
 
@@ -140,26 +169,51 @@ end
 -- Permit primitives (Lock, RLock, Semaphore, BoundedSemaphore) share one state:
 --   HASH k: kind, init, v (free permits), t (last token), g (grants),
 --           r (permits reclaimed from dead holders), "h:"..sid -> permits held,
---           "a:"..sid -> held since (ms), "i:"..sid -> inbox of its latest grant
+--           "a:"..sid -> held since (ms), "i:"..sid -> waiter id (and inbox) of its
+--           latest grant, "n:"..sid -> token of that grant (semaphores: a lock's is t),
+--           "o:"..sid -> id of its latest release (semaphores, while the key lives)
 --   LIST side(P, k, 'q'): FIFO of waiter ids
 -- A permit primitive with every permit free and no waiter has no key.
+--
+-- Retries find their first run's answer (a reply lost with the connection, a timeout,
+-- a garbled reply): a grant is recorded with the waiter id it went to ("i:"), so an
+-- acquire or cancel sent again with that id returns the same grant; a lock's release
+-- names the grant it ends, and a semaphore's carries an id ("o:"); and a hold ends
+-- only by its release or by its session's end, so a live session that no longer holds
+-- what it releases has released it already.
+
+-- The token of the grant session sid holds in permit primitive k, if its latest grant
+-- went to waiter wid (a retry of that acquire, or a cancel after it).
+local function grant_of(k, sid, wid)
+  if redis.call('HGET', k, 'i:' .. sid) ~= wid or not redis.call('HGET', k, 'h:' .. sid) then
+    return nil
+  end
+  local kind = redis.call('HGET', k, 'kind')
+  if kind == 'lock' or kind == 'rlock' then return tonumber(redis.call('HGET', k, 't')) end
+  return tonumber(redis.call('HGET', k, 'n:' .. sid))
+end
 
 local function permits_dispatch(P, k, now)
   local q = side(P, k, 'q')
-  local v = tonumber(redis.call('HGET', k, 'v'))
+  local s = redis.call('HMGET', k, 'v', 'kind')
+  local v = tonumber(s[1])
+  local lockish = s[2] == 'lock' or s[2] == 'rlock'
   local granted = {}
   local granted_sids = {}
+  if v > 0 and quiet_until(P, now) then return granted end  -- the waiters stay queued
   while v > 0 do
     local w = redis.call('LPOP', q)
     if not w then break end
     local wsid = sid_of(w)
     if alive(P, wsid, now) then
       v = v - 1
-      local tok = next_token(P)
+      local tok = next_token(P, now)
       if redis.call('HINCRBY', k, 'h:' .. wsid, 1) == 1 then
         redis.call('HSET', k, 'a:' .. wsid, now)  -- holding since
       end
-      redis.call('HSET', k, 'i:' .. wsid, w)  -- its inbox, dropped if the holder dies
+      -- its waiter id: its inbox (dropped if the holder dies), and what a retry matches
+      redis.call('HSET', k, 'i:' .. wsid, w)
+      if not lockish then redis.call('HSET', k, 'n:' .. wsid, string.format('%d', tok)) end
       redis.call('HSET', k, 'v', v, 't', string.format('%d', tok))
       redis.call('HINCRBY', k, 'g', 1)
       redis.call('SADD', P .. 'h:' .. wsid, k)
@@ -253,8 +307,9 @@ drop_session_from = function(P, k, sid, now)
     local n = tonumber(redis.call('HGET', k, 'h:' .. sid) or '0')
     local inbox = redis.call('HGET', k, 'i:' .. sid)
     if inbox then redis.call('DEL', P .. 'in:' .. inbox) end
+    redis.call('HDEL', k, 'o:' .. sid)
     if n > 0 then
-      redis.call('HDEL', k, 'h:' .. sid, 'a:' .. sid, 'i:' .. sid)
+      redis.call('HDEL', k, 'h:' .. sid, 'a:' .. sid, 'i:' .. sid, 'n:' .. sid)
       redis.call('HINCRBY', k, 'v', n)
       redis.call('HINCRBY', k, 'r', n)
     end
@@ -284,7 +339,13 @@ end
 
 -- Check the state key k and its side lists: (nil, absent?) when usable, or an error
 -- reply table. Nothing is written before these checks pass, so a key someone else
--- wrote is reported and left as it was.
+-- wrote is reported and left as it was: a key or side list of another type
+-- {'wrongtype', type}; a name in use with another kind or shape {'conflict', kind, init};
+-- our kind of hash with a field the scripts compute with or test missing, or holding
+-- what procsync never writes {'corrupt', field, value (false: missing), k}. The fields
+-- checked: permits init, v (0 <= v, and v <= init but for sem), t, g, r; barrier init,
+-- count (< init), broken; event set (flags "0" | "1", or absent). The per-session
+-- fields ("h:" .. sid ...) are not read here: that would cost a read of the whole hash.
 local function check_kind(k, kind, init, sides)
   for _, sk in ipairs(sides or {}) do
     local st = redis.call('TYPE', sk)['ok']
@@ -293,10 +354,47 @@ local function check_kind(k, kind, init, sides)
   local typ = redis.call('TYPE', k)['ok']
   if typ == 'none' then return nil, true end
   if typ ~= 'hash' then return {'wrongtype', typ} end
-  local s = redis.call('HMGET', k, 'kind', 'init')
+  local permits = kind == 'lock' or kind == 'rlock' or kind == 'sem' or kind == 'bsem'
+  local s, counts, flag
+  if permits then
+    s = redis.call('HMGET', k, 'kind', 'init', 'v', 't', 'g', 'r')
+    counts = {'init', 'v', 't', 'g', 'r'}
+  elseif kind == 'barrier' then
+    s = redis.call('HMGET', k, 'kind', 'init', 'count', 'broken')
+    counts, flag = {'init', 'count'}, 'broken'
+  elseif kind == 'event' then
+    s = redis.call('HMGET', k, 'kind', 'init', 'set')
+    counts, flag = {}, 'set'
+  else
+    s = redis.call('HMGET', k, 'kind', 'init')
+    counts = {}
+  end
   if not s[1] then return {'wrongtype', 'hash'} end
-  if s[1] ~= kind or (init and tonumber(s[2]) ~= tonumber(init)) then
+  if s[1] ~= kind then return {'conflict', s[1], s[2] or ''} end
+  -- A count: decimal digits that fit a signed 64-bit integer (HINCRBY's range).
+  for i, f in ipairs(counts) do
+    local x = s[i + 1]
+    if not x or not string.match(x, '^%d+$')
+       or #x > 19 or (#x == 19 and x > '9223372036854775807') then
+      return {'corrupt', f, x and string.sub(x, 1, 100) or false, k}
+    end
+    if i == 1 and init and tonumber(x) ~= tonumber(init) then
+      if (kind == 'lock' or kind == 'rlock') then return {'corrupt', f, x, k} end
+      return {'conflict', s[1], x}
+    end
+  end
+  if init and #counts == 0 and tonumber(s[2]) ~= tonumber(init) then
     return {'conflict', s[1], s[2] or ''}
+  end
+  if permits and kind ~= 'sem' and tonumber(s[3]) > tonumber(s[2]) then
+    return {'corrupt', 'v', s[3], k}
+  end
+  if kind == 'barrier' and tonumber(s[3]) >= tonumber(s[2]) then
+    return {'corrupt', 'count', s[3], k}
+  end
+  local fv = flag and s[#s]
+  if fv and fv ~= '0' and fv ~= '1' then
+    return {'corrupt', flag, string.sub(fv, 1, 100), k}
   end
   return nil, false
 end
@@ -336,16 +434,39 @@ end
 
 -- Give back n permits of k held (or, for semaphores, not held) by session sid, then
 -- serve the queue. Returns the reply of permits.lua's release op.
-local function permits_release(P, k, kind, init, sid, n, now)
+-- ref: a lock's release names the waiter id of the grant it ends; a semaphore's
+-- release carries an id of its own ('' for neither). held: the caller believes it
+-- holds permits. Both make a release sent again after a lost reply answer as the
+-- first run did, without releasing twice (see "Retries" above).
+local function permits_release(P, k, kind, init, sid, n, now, ref, held)
   local q = side(P, k, 'q')
   local is_lock = kind == 'lock' or kind == 'rlock'
   if redis.call('EXISTS', k) == 1 then permits_reap_dead_holders(P, k, now) end
+  -- A live session that believes it holds, but holds nothing here, released already.
+  local done_before = held and alive(P, sid, now)
   if redis.call('EXISTS', k) == 0 then
-    if is_lock then return {'notheld'} end
+    if done_before then return {'ok', 0} end
+    if is_lock or held then return {'notheld'} end
     if kind == 'bsem' then return {'overrelease'} end
     redis.call('HSET', k, 'kind', kind, 'init', init, 'v', init, 't', 0, 'g', 0, 'r', 0)
   end
+  if not is_lock and ref ~= '' and redis.call('HGET', k, 'o:' .. sid) == ref then
+    return {'ok', 0}
+  end
   local mine = tonumber(redis.call('HGET', k, 'h:' .. sid) or '0')
+  if is_lock and mine > 0 and ref ~= '' and redis.call('HGET', k, 'i:' .. sid) ~= ref then
+    -- The session holds a later grant (another thread of its process took the lock
+    -- after this release ran): the grant named is released already.
+    return {'ok', 0}
+  end
+  if mine == 0 and held then
+    if done_before then
+      permits_maybe_delete(P, k)
+      return {'ok', 0}
+    end
+    -- A semaphore's caller lost the permits it held (its session ended).
+    if not is_lock then return {'notheld'} end
+  end
   if is_lock and mine == 0 then
     local others = holders_info(P, k, 32)
     permits_maybe_delete(P, k)
@@ -370,13 +491,14 @@ local function permits_release(P, k, kind, init, sid, n, now)
   end
   if from_mine > 0 then
     if from_mine == mine then
-      redis.call('HDEL', k, 'h:' .. sid, 'a:' .. sid, 'i:' .. sid)
+      redis.call('HDEL', k, 'h:' .. sid, 'a:' .. sid, 'i:' .. sid, 'n:' .. sid)
       if not queued_in(q, sid) then redis.call('SREM', P .. 'h:' .. sid, k) end
     else
       redis.call('HINCRBY', k, 'h:' .. sid, -from_mine)
     end
   end
   redis.call('HINCRBY', k, 'v', n)
+  if not is_lock and ref ~= '' then redis.call('HSET', k, 'o:' .. sid, ref) end
   local woken = 0
   for _ in pairs(permits_dispatch(P, k, now)) do woken = woken + 1 end
   permits_maybe_delete(P, k)

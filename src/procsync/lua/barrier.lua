@@ -5,9 +5,9 @@ KEYS[2]  a          LIST  waiter ids of the generation filling up
 KEYS[3]  r          LIST  waiter ids of the generation whose action is running
 KEYS[4]  P.."sessions"
 ARGV[1]  P
-ARGV[2]  op         wait | done | abort | timeout | reset | state
+ARGV[2]  op         wait | done | abort | timeout | reset | state | check
 ARGV[3]  sid
-ARGV[4]  wid (wait, timeout)
+ARGV[4]  wid (wait, timeout, check)
 ARGV[5]  parties
 ARGV[6]  has_action 1 | 0 (wait)
 
@@ -20,7 +20,13 @@ Replies:
   timeout: {'go'} | {'broken', why}   (a wait timed out: the barrier breaks, as threading's)
   reset:   {'ok'}
   state:   {'ok', count, broken 0|1, why}
+  check:   {'waiting', index} | {'go'} | {'broken', why} | {'gone'}   (after a call or pop that
+           failed: is this arrival waiting, released, broken -- or not known at all: it
+           never arrived, or it was the last and released the others)
+`wait` is the one call not sent again after its reply was lost (a second arrival would
+count twice, in this generation or the next): the caller checks instead.
   any op:  {'wrongtype', type} | {'conflict', kind, parties}
+           | {'corrupt', field, value, key} (see check_kind in _lib.lua)
 peers... is (sid, deadline, boot, pid, start, host, 1) of the arrival just before, for
 the newcomer to watch if on its host; the newcomer pushes "peer:<identity>" onto that
 arrival's inbox, which then watches it in turn (the last arrival too, when it runs the
@@ -62,6 +68,37 @@ end
 if op == 'state' then
   local s = redis.call('HMGET', k, 'count', 'broken', 'why')
   return {'ok', tonumber(s[1] or '0'), s[2] == '1' and 1 or 0, s[3] or ''}
+end
+
+-- Where arrival wid stands: its position in the arrivals (the index wait returned) or
+-- among those released once the action has run, else nil.
+local function arrival(wid)
+  local pos = redis.call('LPOS', a, wid)
+  if pos then return pos end
+  return redis.call('LPOS', r, wid)
+end
+
+-- What arrival wid's inbox says: 'go', 'broken' or nil (peer notices are left).
+local function verdict(wid)
+  for _, v in ipairs(redis.call('LRANGE', P .. 'in:' .. wid, 0, -1)) do
+    if v == 'go' or v == 'broken' then return v end
+  end
+  return nil
+end
+
+if op == 'check' then
+  local wid = ARGV[4]
+  local v = verdict(wid)
+  if v == 'go' then
+    redis.call('DEL', P .. 'in:' .. wid)
+    return {'go'}
+  end
+  if v == 'broken' or redis.call('HGET', k, 'broken') == '1' then
+    return {'broken', redis.call('HGET', k, 'why') or ''}
+  end
+  local pos = arrival(wid)
+  if pos then return {'waiting', pos} end
+  return {'gone'}
 end
 
 if op == 'wait' then

@@ -18,9 +18,12 @@ Replies:
   notify:  {'ok', woken, woken sessions...} | {'notheld'}   (holder format, see permits.lua)
   waiters: {'ok', n}
   any op:  {'wrongtype', type} | {'conflict', kind, init}
+           | {'corrupt', field, value, key} (this key or the lock's: check_kind)
 
 `wait` joins the waiters and releases the lock in one script, so no notify can fall
-between the two (no lost wake-up). `notify(n)` wakes the first n *live* waiters; a
+between the two (no lost wake-up); sent again with the same wid (its reply was lost)
+it answers 'waiting' without looking at the lock. `notify` sent again may wake more
+waiters than asked: a spurious wake-up, which Condition's contract allows. `notify(n)` wakes the first n *live* waiters; a
 waiter whose session ended is skipped and the notification passes to the next one. The
 reply names the woken sessions, so the caller can see one on its host whose process
 died with its lease still running, reap it, and notify once more in its place.
@@ -47,11 +50,17 @@ end
 
 if op == 'wait' then
   if not alive(P, sid, now) then return {'nosession'} end
+  -- Sent again after a lost reply: the first run joined (and may have been notified
+  -- since); the lock it released is not to be looked for again.
+  local wid = ARGV[4]
+  if redis.call('LPOS', w, wid) or redis.call('EXISTS', P .. 'in:' .. wid) == 1 then
+    return {'waiting'}
+  end
   if not lock_held() then return {'notheld'} end
   redis.call('HSET', k, 'kind', 'cond')
   redis.call('RPUSH', w, ARGV[4])
   redis.call('SADD', P .. 'h:' .. sid, k)
-  local r = permits_release(P, lk, lkind, 1, sid, 1, now)
+  local r = permits_release(P, lk, lkind, 1, sid, 1, now, '', false)
   if r[1] ~= 'ok' then return {'notheld'} end
   return {'waiting'}
 end

@@ -16,6 +16,7 @@ Replies:
   clear:  {'ok'}
   is_set: {'ok', 0|1, waiters}
   any op: {'wrongtype', type} | {'conflict', kind, init}
+          | {'corrupt', field, value, key} (see check_kind in _lib.lua)
 
 States: absent (clear, nobody waits) -> waiting (clear, waiters) -> set -> absent (clear).
 A set flag stays until cleared (it means something); a clear one with no waiter has no key.

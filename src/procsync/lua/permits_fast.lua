@@ -6,15 +6,15 @@ see permits.lua's header). Every EVALSHA runs the whole chunk, so _lib.lua's
 none of them, so they are answered before the library is even defined:
 
   acquire, any kind, no state key and no queue key (everything free, nobody waits):
-      EXISTS, TIME, ZSCORE, INCR, SADD, HSET
-  release of a lock / rlock by its holder, nobody queued:
+      EXISTS, TIME, ZSCORE, GET + SET (the token), SADD, HSET
+  release of a lock / rlock by its holder (the grant it names), nobody queued:
       HMGET, LRANGE, SREM, DEL
   release of a semaphore by its only holder (alive), nobody queued:
       HMGET, LLEN, TIME, ZSCORE, SREM, DEL
   release of a lock / rlock by its (alive) holder with waiters queued, the hand-off
   to the first waiter whose session is alive (dead ones ahead of it are dropped):
       HMGET, LRANGE, TIME, ZSCORE (holder), ZSCORE per waiter session looked at,
-      INCR, SADD, SREM, LTRIM, HDEL, HSET, DEL + LPUSH + PEXPIRE (the grant),
+      GET + SET, SADD, SREM, LTRIM, HDEL, HSET, DEL + LPUSH + PEXPIRE (the grant),
       HMGET + LPUSH + PEXPIRE (the watch notice to the new head, if any)
       (the full script: about twice as many calls)
 
@@ -31,15 +31,18 @@ and the full script answers {'wrongtype', type} without writing. Index sets, inb
 session hashes, the fencing counter and the session registry have names no primitive
 name can produce; the full script does not check their types either: a foreign value
 there is the same Redis error here as there. Reads come before any write, and the
-writes that could meet such a value before the others: INCR of the counter (which
-fails without writing), then the index sets and the new head's inbox, the index set
-that loses an entry last. So such an error leaves the primitive's state, queue and
-grant untouched; at most a fencing token is skipped and (a hand-off) the new holder's
-index set or the head's inbox got their additions.
+writes that could meet such a value before the others: the counter is read and checked
+first (a value that is not a token falls through: the full script reports it), then
+the index sets and the new head's inbox, the index set that loses an entry last. So
+such an error leaves the primitive's state, queue and grant untouched; at most (a
+hand-off) the new holder's index set or the head's inbox got their additions.
 
 Mirrors of _lib.lua (keep in step): alive() is "deadline > now", now_ms(), sid_of(),
-queued_in(), identity_notice(), INBOX_TTL_MS, next_token() (here it reuses the TIME
-already read when the counter restarts), permits_dispatch() for one free permit.
+queued_in(), identity_notice(), INBOX_TTL_MS, next_token() and corrupt_fence() (the
+counter is a token below 2^53; the next is one more, at least now_ms * 1000; more
+than QUIET_SLACK_US ahead of the clock it is a quiet period: quiet_until()),
+permits_dispatch() for one free permit, record_grant() ("i:" and, for a semaphore,
+"n:" of the grant).
 ]]
 do
   local op, kind = ARGV[2], ARGV[3]
@@ -49,6 +52,18 @@ do
     local k, q = KEYS[1], KEYS[2]
     local P, init, sid = ARGV[1], tonumber(ARGV[4]), ARGV[5]
     local sessions = P .. 'sessions'
+    local f = P .. 'fence'
+    -- The next fencing token at server time now (ms), or nil when the counter holds
+    -- something that is not a token, or is in a quiet period (then the full script
+    -- answers).
+    local function token_after(now)
+      local c = tonumber(redis.call('GET', f) or '0')
+      if not c or c < 0 or c ~= math.floor(c) or c >= 9007199254740991 then return nil end
+      local tok = c + 1
+      if tok > now * 1000 + 1000000 then return nil end
+      if tok < now * 1000 then tok = now * 1000 end
+      return tok
+    end
 
     if op == 'acquire' then
       -- (no state key means nobody waits: a queue key then would be foreign, and the
@@ -57,23 +72,29 @@ do
         local t = redis.call('TIME')
         local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
         local d = redis.call('ZSCORE', sessions, sid)
-        if not (d and tonumber(d) > now) then return {'nosession'} end
-        local f = P .. 'fence'
-        local tok = redis.call('INCR', f)
-        if tok == 1 then  -- a fresh counter restarts from the clock (next_token)
-          tok = tonumber(t[1]) * 1000000 + tonumber(t[2])
-          redis.call('SET', f, string.format('%d', tok))
+        local tok = token_after(now)
+        if tok then
+          if not (d and tonumber(d) > now) then return {'nosession'} end
+          local ts = string.format('%d', tok)
+          redis.call('SET', f, ts)
+          redis.call('SADD', P .. 'h:' .. sid, k)
+          if semish then
+            redis.call('HSET', k, 'kind', kind, 'init', init, 'v', init - 1, 't', ts, 'g', 1,
+                       'r', 0, 'h:' .. sid, 1, 'a:' .. sid, now, 'i:' .. sid, ARGV[6], 'n:' .. sid, ts)
+          else
+            redis.call('HSET', k, 'kind', kind, 'init', init, 'v', init - 1, 't', ts, 'g', 1,
+                       'r', 0, 'h:' .. sid, 1, 'a:' .. sid, now, 'i:' .. sid, ARGV[6])
+          end
+          return {'ok', tok}
         end
-        redis.call('SADD', P .. 'h:' .. sid, k)
-        redis.call('HSET', k, 'kind', kind, 'init', init, 'v', init - 1,
-                   't', string.format('%d', tok), 'g', 1, 'r', 0, 'h:' .. sid, 1, 'a:' .. sid, now)
-        return {'ok', tok}
       end
 
     else  -- release
       local s = redis.pcall('HMGET', k, 'kind', 'init', 'h:' .. sid, 'v', 'g', 'i:' .. sid)
       -- (an error reply, a key of another type, has no s[1])
-      if s[1] == kind and (not init or tonumber(s[2]) == init) and s[3] == '1' then
+      -- (a lock's release names the grant it ends: ARGV[8], the waiter id in "i:")
+      if s[1] == kind and (not init or tonumber(s[2]) == init) and s[3] == '1'
+         and (semish or (ARGV[8] or '') == '' or ARGV[8] == s[6]) then
         -- The queue's length (nil if q is not a list): a lock reads the whole queue at
         -- once, since a hand-off needs all of it.
         local queued, L
@@ -97,17 +118,18 @@ do
         -- dead holders about the caller alone (and a dead caller falls through: the
         -- full script reaps its session). A lock with v == 0 is held by the caller
         -- alone (v + sum(h:*) == init == 1); a semaphore may have been given extra
-        -- permits, so its fields are counted: the base six plus the caller's h:, a:
-        -- and perhaps i:.
+        -- permits, so its fields are counted: the base six plus the caller's h:, a:,
+        -- i: and n: (no o:, a release id kept while other permits were out).
         local handoff = lockish and queued and queued > 0
           and tonumber(s[2]) == 1 and s[4] == '0' and tonumber(s[5]) ~= nil
         local sem_last = semish and queued == 0 and init and tonumber(s[4]) == init - 1
-          and redis.call('HLEN', k) == (s[6] and 9 or 8)
+          and redis.call('HLEN', k) == 10
         if tonumber(ARGV[6]) == 1 and (handoff or sem_last) then
           local t = redis.call('TIME')
           local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
           local d = redis.call('ZSCORE', sessions, sid)
-          if d and tonumber(d) > now then
+          local tok = handoff and token_after(now)  -- (nil: a counter the full script reports)
+          if d and tonumber(d) > now and (sem_last or tok) then
 
             if sem_last then  -- a semaphore's last permit in use back, nobody waits
               redis.call('SREM', hk, k)
@@ -159,13 +181,8 @@ do
                 .. (id[3] or '0') .. '|' .. (id[4] or '')
             end
             -- Writes to keys whose type is not checked first (see the header).
-            local f = P .. 'fence'
-            local tok = redis.call('INCR', f)
-            if tok == 1 then
-              tok = tonumber(t[1]) * 1000000 + tonumber(t[2])
-              redis.call('SET', f, string.format('%d', tok))
-            end
             local ts = string.format('%d', tok)
+            redis.call('SET', f, ts)
             if wsid ~= sid then redis.call('SADD', P .. 'h:' .. wsid, k) end
             if head then
               local hb = P .. 'in:' .. head

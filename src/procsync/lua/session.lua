@@ -3,7 +3,7 @@
 KEYS[1]  P.."sessions"   ZSET sid -> lease deadline (server ms)
 KEYS[2]  P.."gone"       ZSET ended sid -> end time (retention index)
 ARGV[1]  P
-ARGV[2]  op              open | beat | close | reap | progress | sweep | force
+ARGV[2]  op              open | beat | close | reap | progress | sweep | force | holds
 ARGV[3]  sid             ('-' for sweep)
 open:     ARGV[4] ttl_ms, ARGV[5] name, ARGV[6] host, ARGV[7] boot_id, ARGV[8] pid,
           ARGV[9] start_ticks, ARGV[10] heartbeat mode, ARGV[11] stall_after_ms (0 = off)
@@ -12,6 +12,7 @@ reap:     ARGV[4] boot_id, ARGV[5] pid, ARGV[6] start_ticks  (the identity the c
 progress: (no more arguments) the application says it made progress
 sweep:    ARGV[4] batch size, ARGV[5] retention ms ('' = RETENTION_MS)
 force:    ARGV[4] who forces it (free text), ARGV[5] what it was forced for (a state key)
+holds:    (no more arguments) what the server records the session as holding
 
 Replies:
   open:     {'ok', now_ms, deadline_ms}
@@ -21,6 +22,7 @@ Replies:
   progress: {'ok'} | {'unknown'}
   sweep:    {'ok', now_ms, reaped, forgotten, next_deadline_ms (-1: no session), more 0|1}
   force:    {'ok', 1 if ended else 0}
+  holds:    {'ok', state key...} (the permit primitives it holds permits of) | {'unknown'}
 
 A session is alive while its deadline is in the future. `beat` renews it and reaps up
 to a batch of expired sessions (each a whole session: holds released, waits dropped,
@@ -29,7 +31,8 @@ death logged), so detection needs no extra process and no script runs long.
 `sweep` is the same bounded reaping for readers of the registry (procsync.registry:
 sessions(), watch()), so deaths are reported even when no other session beats; it also
 forgets, a batch at a time, sessions ended longer than the retention ago and trims the
-event stream to the same window (an empty stream is deleted: nothing is left behind).
+event stream to the same window (an empty stream is deleted: nothing is left behind;
+nor is the epoch of a namespace with no session live or remembered).
 It replies the earliest live deadline, so a watcher knows when to sweep next.
 
 `force` is an operator's release (procsync release NAME --force): the holder's whole
@@ -60,6 +63,11 @@ if op == 'open' then
              'pid', ARGV[8], 'start', ARGV[9], 'hb', ARGV[10], 'stall_after', ARGV[11],
              'ttl', ttl, 'started', now, 'beat', now, 'progress', now, 'state', 'alive')
   redis.call('PERSIST', skey)
+  -- The longest ttl the namespace has seen: how long a quiet period lasts (epoch.lua).
+  local ek = P .. 'epoch'
+  if ttl > (tonumber(redis.call('HGET', ek, 'ttl') or '0') or 0) then
+    redis.call('HSET', ek, 'ttl', ttl)
+  end
   redis.call('ZADD', KEYS[1], now + ttl, sid)
   redis.call('ZREM', KEYS[2], sid)
   log_event(P, 'joined', sid, now)
@@ -131,6 +139,10 @@ if op == 'sweep' then
     if redis.call('XLEN', ev) == 0 then redis.call('DEL', ev) end
   end
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if not first[1] and redis.call('EXISTS', KEYS[2]) == 0 then
+    -- Nobody is or was here within the retention: no lease to protect, no epoch.
+    redis.call('DEL', P .. 'epoch')
+  end
   local more = 0
   if #expired == batch or #old == batch then more = 1 end
   return {'ok', now, #expired, #old, first[2] or -1, more}
@@ -141,6 +153,16 @@ if op == 'force' then
   redis.call('HSET', skey, 'forced_by', ARGV[4], 'forced_what', ARGV[5])
   reap_session(P, sid, now, 'forced', {'by', ARGV[4], 'what', ARGV[5]})
   return {'ok', 1}
+end
+
+if op == 'holds' then
+  -- A reconnected session compares this with the holds its process believes in.
+  if not alive(P, sid, now) then return {'unknown'} end
+  local out = {'ok'}
+  for _, k in ipairs(redis.call('SMEMBERS', P .. 'h:' .. sid)) do
+    if tonumber(redis.call('HGET', k, 'h:' .. sid) or '0') > 0 then out[#out + 1] = k end
+  end
+  return out
 end
 
 return redis.error_reply('procsync: unknown session op ' .. tostring(op))

@@ -15,6 +15,8 @@ Replies:
   add:    {'ok', new value}        atomic; int or float only
   delete: {'ok', existed 0|1}
   any op: {'wrongtype', type} | {'conflict', kind, type}
+  open, get, add: {'corrupt', 'v', value (false: missing), k}  (a value procsync never
+          writes: not an integer for int, not a finite number for float, or missing)
 
 A named Value is state that means something: it stays until deleted. An anonymous
 one (random name, handed to children) expires keep_ms after its last write.
@@ -34,6 +36,19 @@ if ktype == 'hash' then
   local s = redis.call('HMGET', k, 'kind', 'type')
   if s[1] ~= 'value' then return {'wrongtype', 'hash'} end
   if s[2] ~= typ then return {'conflict', 'Value', s[2]} end
+  -- The ops that read the value refuse one procsync never writes, changing nothing
+  -- (set and delete replace or drop it whole).
+  if op == 'open' or op == 'get' or op == 'add' then
+    local v = redis.call('HGET', k, 'v')
+    local bad = not v
+    if not bad and typ == 'int' then
+      bad = not string.match(v, '^-?%d+$')
+    elseif not bad and typ == 'float' then
+      local n = tonumber(v)
+      bad = not n or n ~= n or n == math.huge or n == -math.huge or string.find(v, '[xX]') ~= nil
+    end
+    if bad then return {'corrupt', 'v', v and string.sub(v, 1, 100) or false, k} end
+  end
 end
 
 if op == 'open' then

@@ -19,6 +19,7 @@ from procsync._validate import check_name, check_namespace
 from procsync.backend.client import Backend, get_backend
 from procsync.core import permits
 from procsync.core.steps import HolderInfo, Op, SessionGone
+from procsync.errors import ProtocolError, ServerUnavailableError
 from procsync.session import Session, usable_session
 
 __all__ = ["HoldRecord", "Holder", "Primitive", "rebuild"]
@@ -27,9 +28,10 @@ log = logging.getLogger("procsync.primitives")
 
 
 class AcquireOp(Protocol):
-    """An acquire operation: run in a session, optionally resumed from a first reply."""
+    """An acquire operation: run in a session, optionally resumed from a first call
+    already made (its waiter id, and its reply or None if none came)."""
 
-    def __call__(self, sess: Session, resume: tuple[str, list[Any]] | None = None) -> Op: ...
+    def __call__(self, sess: Session, resume: tuple[str, list[Any] | None] | None = None) -> Op: ...
 
 
 #: How long the set flag of an anonymous Event lives after its last set().
@@ -133,6 +135,7 @@ class HoldRecord:
         "_pid",
         "session",
         "token",
+        "wid",
     )
 
     def __init__(self, owner: Any) -> None:
@@ -140,6 +143,7 @@ class HoldRecord:
         self._owner = owner
         self.session: Session | None = None
         self.token: int | None = None
+        self.wid = ""  # the waiter id of the latest grant: what a lock's release names
         self._count = 0
         self._lost_reason: str | None = None
         self._callbacks: list[Callable[[Any, str], None]] = []
@@ -158,13 +162,14 @@ class HoldRecord:
         self._forked()
         return self._count
 
-    def granted(self, session: Session, token: int) -> None:
+    def granted(self, session: Session, token: int, wid: str) -> None:
         self._forked()
         with self._lock:
             if self.session is not session:
                 self._count = 0
             self.session = session
             self.token = token
+            self.wid = wid
             self._count += 1
             self._lost_reason = None
         session.add_holder(self._owner)
@@ -238,44 +243,73 @@ class PermitHolder(Primitive):
         """The acquire operation (both fronts): take a grant, record the hold.
 
         The deadline starts now. ``resume`` continues from a first call already made
-        (see :meth:`_server_acquire`)."""
+        (see :meth:`_server_acquire`). A grant that arrives in a session lost
+        meanwhile is not taken: the operation starts again in a new session (the
+        lost one's holds end with it)."""
         ref = self.ref
         deadline = None if timeout is None else time.monotonic() + timeout
 
-        def op(sess: Session, resume: tuple[str, list[Any]] | None = None) -> Op:
+        def op(sess: Session, resume: tuple[str, list[Any] | None] | None = None) -> Op:
+            if resume is None:
+                wid, reply = sess.new_waiter_id(), None
+            else:
+                wid, reply = resume
             token = yield from permits.acquire(
-                ref, sess, blocking, deadline, time.monotonic, resume
+                ref, sess, wid, blocking, deadline, time.monotonic, reply
             )
             if token is None:
                 return False
-            self._hold.granted(sess, token)
+            if sess.lost:
+                raise SessionGone()
+            self._hold.granted(sess, token, wid)
             return True
 
         return op
+
+    def _budget(self, blocking: bool, timeout: float | None) -> Any:
+        """How long an acquire rides out server faults: its own timeout, forever
+        without one, the default for a non-blocking try."""
+        if not blocking:
+            return _drivers.DEFAULT
+        return _drivers.FOREVER if timeout is None else time.monotonic() + timeout
 
     def _server_acquire(self, blocking: bool, timeout: float | None) -> bool:
         """Blocking-front acquire. When this process already has a usable session, the
         first script call is made directly — no generator, no driver: a grant (the
         uncontended case) is recorded at once, any other reply is handed to the general
-        operation, which goes on from it (queueing, reaping, timeouts, interrupts)."""
+        operation, which goes on from it (queueing, reaping, timeouts, interrupts,
+        faults: a first call that failed is sent again by it, unchanged)."""
+        until = self._budget(blocking, timeout)
         make = self._acquire_op(blocking, timeout)
         ref = self.ref
         b = ref.backend
         sess = usable_session(b)
         if sess is not None:
+            if sess.pending:
+                sess.settle()  # a release not yet confirmed goes first: never queue behind it
             wid, call = permits.first_call(ref, sess, blocking)
-            reply = b.call(call.script, call.keys, call.args)
-            status = reply[0]
-            if status == "ok":
-                self._hold.granted(sess, permits.parse_token(reply[1]))
+            reply: list[Any] | None
+            try:
+                t = (
+                    None
+                    if until is None or isinstance(until, _drivers._Default)
+                    else (until - time.monotonic())
+                )
+                reply = b.call(call.script, call.keys, call.args, t)
+            except (ServerUnavailableError, ProtocolError):
+                reply = None  # it may have run: sent again, it answers the same
+            if reply is not None and reply[0] == "ok":
+                self._hold.granted(sess, permits.parse_token(reply[1]), wid)
                 return True
-            if status != "nosession":
+            if reply is None or reply[0] != "nosession":
                 try:
-                    return bool(_drivers.run(b, make(sess, (wid, reply))))
+                    return bool(
+                        _drivers.run(b, make(sess, (wid, reply)), until=until, session=sess)
+                    )
                 except SessionGone:
                     pass
-            sess._lose("the server no longer knows this session")
-        ok, _ = _drivers.run_with_session(b, make)
+            sess.lose("the server no longer knows this session")
+        ok, _ = _drivers.run_with_session(b, make, until=until)
         return bool(ok)
 
     @property
@@ -297,3 +331,12 @@ class PermitHolder(Primitive):
 
     def _hold_lost(self, reason: str) -> None:
         self._hold.mark_lost(reason)
+
+    def _hold_key(self) -> str:
+        return self.ref.key
+
+    def _release_session(self) -> Session | None:
+        """The session a release runs in: the hold's, else the process's own (a
+        release by a process holding nothing)."""
+        hold = self._hold
+        return hold.session if hold.count > 0 else usable_session(self.ref.backend)

@@ -51,8 +51,9 @@ class BarrierCommon(Primitive):
             r = self._ref = core.BarrierRef(self.backend, self._name, self._parties)
         return r
 
-    def _wait_op(self, timeout: object) -> Callable[[Session], Op]:
-        """Arrive, run the action if last, return the arrival index."""
+    def _wait_op(self, timeout: object) -> tuple[Callable[[Session], Op], Any]:
+        """Arrive, run the action if last, return the arrival index; and the budget it
+        rides out server faults for (its timeout, or forever)."""
         t = check_timeout(timeout, negative="zero") if timeout is not None else self._timeout
         ref = self.ref
         deadline = None if t is None else time.monotonic() + t
@@ -71,7 +72,7 @@ class BarrierCommon(Primitive):
                 yield from core.done(ref, sess)
             return int(index)
 
-        return op
+        return op, (_drivers.FOREVER if deadline is None else deadline)
 
     @property
     def parties(self) -> int:
@@ -114,7 +115,8 @@ class Barrier(BarrierCommon):
 
         ``timeout`` defaults to the constructor's; when it expires the barrier breaks.
         """
-        index, _ = _drivers.run_with_session(self.ref.backend, self._wait_op(timeout))
+        make, until = self._wait_op(timeout)
+        index, _ = _drivers.run_with_session(self.ref.backend, make, until=until)
         return int(index)
 
     def reset(self) -> None:

@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast, final
 
 from procsync import _drivers
 from procsync._validate import check_permits, check_timeout
 from procsync.core import condition as core
-from procsync.core.steps import Op
+from procsync.core.steps import Op, SessionGone
 from procsync.errors import NotHeldError
-from procsync.session import Session, _key, _sessions
+from procsync.session import Session, usable_session
 from procsync.sync._base import Primitive
 from procsync.sync.lock import Lock, LockCommon, RLock
 
 __all__ = ["Condition", "ConditionCommon"]
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    """A wait in progress: the session that held the lock (None: lost already), the
+    deadline, an RLock's saved (depth, owner thread)."""
+
+    session: Session | None
+    deadline: float | None
+    saved: tuple[int, int | None] | None
 
 
 class ConditionCommon(Primitive):
@@ -54,37 +65,40 @@ class ConditionCommon(Primitive):
             return lock._is_owned()
         return lock._hold.count > 0
 
-    def _wait_op(self, timeout: object) -> Callable[[Session], Op]:
-        """Release the lock and wait (atomically), then re-acquire it — also when
-        interrupted — restoring an RLock's depth. Result: notified (bool)."""
+    def _begin_wait(self, timeout: object) -> _Waiting:
+        """Check the caller may wait and forget its hold locally (the wait script
+        releases it on the server): the first half of a wait, both fronts."""
         if not self._is_owned():
             raise NotHeldError("cannot wait on un-acquired lock")
         t = check_timeout(timeout, negative="zero")
-        ref = self.ref
         lock = self._lock
+        hold = lock._hold
+        saved = (lock._depth, lock._owner_thread) if isinstance(lock, RLock) else None
+        # A hold lost already (its session ended): no wait, a spurious wake-up.
+        sess = hold.session if hold.lost() is None else None
+        hold.released(1)
+        if isinstance(lock, RLock):
+            lock._depth, lock._owner_thread = 0, None
         deadline = None if t is None else time.monotonic() + t
+        return _Waiting(sess, deadline, saved)
 
-        def op(sess: Session) -> Op:
-            saved = (lock._depth, lock._owner_thread) if isinstance(lock, RLock) else None
-            # The script releases the server-side hold; forget it locally first.
-            lock._hold.released(1)
-            if isinstance(lock, RLock):
-                lock._depth, lock._owner_thread = 0, None
-            try:
-                notified = yield from core.wait(ref, sess, deadline, time.monotonic)
-            finally:
-                yield from lock._acquire_op(True, None)(sess)
-                if isinstance(lock, RLock) and saved is not None:
-                    lock._depth, lock._owner_thread = saved
-            return notified
+    def _wait_core(self, w: _Waiting) -> Op:
+        """The wait itself, in the session that held the lock."""
+        if w.session is None:  # pragma: no cover - callers check
+            raise SessionGone()
+        return core.wait(self.ref, w.session, w.deadline, time.monotonic)
 
-        return op
+    def _end_wait(self, w: _Waiting) -> None:
+        """The lock is held again: an RLock gets its depth back."""
+        lock = self._lock
+        if isinstance(lock, RLock) and w.saved is not None:
+            lock._depth, lock._owner_thread = w.saved
 
     def _notify_op(self, n: int) -> Op:
         if not self._is_owned():
             raise NotHeldError("cannot notify on un-acquired lock")
         ref = self.ref
-        return core.notify(ref, _sessions.get(_key(ref.lock.backend)), n)
+        return core.notify(ref, usable_session(ref.lock.backend), n)
 
     def __repr__(self) -> str:
         front = (
@@ -157,10 +171,30 @@ class Condition(ConditionCommon):
     def wait(self, timeout: float | None = None) -> bool:
         """Release the lock, wait for a notify or ``timeout`` seconds, re-acquire.
 
-        Returns False if the timeout expired, True otherwise (as threading).
+        Returns False if the timeout expired, True otherwise (as threading), also for
+        a spurious wake-up: the server could not be asked, or the session was lost
+        (the lock is re-acquired in a new one). The re-acquire waits as threading's
+        does, however long -- also for a server that is down.
         """
-        notified, _ = _drivers.run_with_session(self.ref.lock.backend, self._wait_op(timeout))
-        return bool(notified)
+        w = self._begin_wait(timeout)
+        notified = True
+        try:
+            if w.session is not None:
+                try:
+                    notified = bool(
+                        _drivers.run(
+                            self.ref.lock.backend,
+                            self._wait_core(w),
+                            until=_drivers.FOREVER,
+                            session=w.session,
+                        )
+                    )
+                except SessionGone:
+                    notified = True  # the session ended: a spurious wake-up
+        finally:
+            self._sync_lock._server_acquire(True, None)
+            self._end_wait(w)
+        return notified
 
     def wait_for(self, predicate: Callable[[], T], timeout: float | None = None) -> T:
         """Wait until ``predicate()`` is true, or ``timeout`` seconds pass; return the

@@ -63,12 +63,16 @@ class Event(Primitive):
 
         Returns True if the flag was set (as threading, even if it was cleared again
         before this returns), False on timeout. A negative timeout does not wait.
+        Server faults are ridden out until the timeout (forever without one); if no
+        server could be reached to tell, :class:`~procsync.errors.ServerUnavailableError`.
         """
         t = check_timeout(timeout, negative="zero")
         ref = self.ref
         deadline = None if t is None else time.monotonic() + t
         got, _ = _drivers.run_with_session(
-            ref.backend, lambda s: core.wait(ref, s, deadline, time.monotonic)
+            ref.backend,
+            lambda s: core.wait(ref, s, deadline, time.monotonic),
+            until=_drivers.FOREVER if deadline is None else deadline,
         )
         return bool(got)
 

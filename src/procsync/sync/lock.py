@@ -3,17 +3,17 @@ processes on any machine."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any, final
 
 from procsync import _drivers
+from procsync._drivers import RETRYABLE
 from procsync._validate import check_timeout
 from procsync.core import permits
-from procsync.core.steps import Op
-from procsync.errors import LockLostError, NotHeldError, NotOwnerError, ServerError
-from procsync.session import Session, _key, _sessions
+from procsync.core.steps import Cleanup, Op
+from procsync.errors import LockLostError, NotHeldError, NotOwnerError
+from procsync.session import Session, usable_session
 from procsync.sync._base import Holder, PermitHolder
 
 __all__ = ["Lock", "LockCommon", "LockStatistics", "RLock"]
@@ -62,19 +62,33 @@ class LockCommon(PermitHolder):
         return self._release_op() if acquired else None
 
     def _release_op(self) -> Op:
-        """The release operation (both fronts)."""
+        """The release operation (both fronts).
+
+        Faults: the call is sent again (it names the grant it ends, so it releases
+        once) for up to ``RELEASE_BUDGET``; if the server still cannot confirm it, the
+        hold is given up here and the session sends the release when the server
+        answers again (before this process queues for the lock again), or the lock is
+        freed with the session's end. A hold already lost raises LockLostError."""
         ref = self.ref
         hold = self._hold
         held = hold.count > 0
-        sess = hold.session if held else _sessions.get(_key(ref.backend))
+        sess = hold.session if held else usable_session(ref.backend)
         lost = hold.lost()
         if lost is not None:
-            # Free it now if the server still has it under the old session, then say so.
-            with contextlib.suppress(ServerError, NotHeldError):
-                yield from permits.release(ref, sess, 1, False)
+            # Freed with the lost session: closed on the server when it answers.
             hold.clear()
             raise LockLostError(f"{ref.describe()} was lost before release: {lost}")
-        reply = yield permits.release_call(ref, sess, 1, held)
+        call = permits.release_call(ref, sess, 1, held, hold.wid if held else "")
+        try:
+            reply = yield call
+        except RETRYABLE:
+            if not held:
+                raise
+            yield Cleanup(
+                lambda: permits.send_again(call), f"releasing {ref.describe()}", now=False
+            )
+            hold.released(1)
+            return
         self._released(reply, held)
 
     def _released(self, reply: list[Any], held: bool) -> None:
@@ -91,12 +105,20 @@ class LockCommon(PermitHolder):
     def _server_release(self) -> None:
         hold = self._hold
         sess = hold.session
+        b = self.ref.backend
         if sess is not None and hold.count > 0 and hold.lost() is None:
             # The common case, made directly: held here, not lost — one script call.
-            call = permits.release_call(self.ref, sess, 1, True)
-            self._released(self.ref.backend.call(call.script, call.keys, call.args), True)
-            return
-        _drivers.run(self.ref.backend, self._release_op())
+            call = permits.release_call(self.ref, sess, 1, True, hold.wid)
+            try:
+                reply = b.call(call.script, call.keys, call.args)
+            except RETRYABLE:
+                pass  # it may have run: the operation sends it again, naming its grant
+            else:
+                self._released(reply, True)
+                return
+        _drivers.run(
+            b, self._release_op(), until=_drivers.release_until(), session=self._release_session()
+        )
 
     # -- introspection ------------------------------------------------------------
 

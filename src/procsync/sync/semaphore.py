@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from procsync import _drivers
+from procsync._drivers import RETRYABLE
 from procsync._validate import check_permits, check_timeout
 from procsync.core import permits
-from procsync.core.steps import Op
+from procsync.core.steps import Cleanup, Op
 from procsync.errors import LockLostError
-from procsync.session import Session, _key, _sessions
+from procsync.session import Session, usable_session
 from procsync.sync._base import Holder, PermitHolder
 
 __all__ = ["BoundedSemaphore", "Semaphore", "SemaphoreCommon", "SemaphoreStatistics"]
@@ -71,9 +72,22 @@ class SemaphoreCommon(PermitHolder):
         if held and lost is not None:
             hold.clear()
             raise LockLostError(f"{ref.describe()}: the permits held here were lost: {lost}")
-        sess = hold.session if held else _sessions.get(_key(ref.backend))
+        sess = hold.session if held else usable_session(ref.backend)
+        # (a release id of its own: sent again, it gives back no second permit)
+        call = permits.release_call(ref, sess, n, held)
         try:
-            yield from permits.release(ref, sess, n, held)
+            reply = yield call
+        except RETRYABLE:
+            if sess is None:
+                raise
+            # Not confirmed in time: given up here, sent when the server answers again.
+            yield Cleanup(
+                lambda: permits.send_again(call), f"releasing {ref.describe()}", now=False
+            )
+            hold.released(n)
+            return None
+        try:
+            permits.release_result(ref, reply, held)
         except LockLostError:
             hold.clear()
             raise
@@ -149,7 +163,12 @@ class Semaphore(SemaphoreCommon):
         Permits this process holds are returned first; beyond them a Semaphore adds
         free permits and a BoundedSemaphore raises ValueError.
         """
-        _drivers.run(self.ref.backend, self._release_op(n))
+        _drivers.run(
+            self.ref.backend,
+            self._release_op(n),
+            until=_drivers.release_until(),
+            session=self._release_session(),
+        )
 
     __enter__ = acquire
 
