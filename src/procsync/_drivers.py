@@ -45,6 +45,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+from procsync.backend import reads
 from procsync.backend.client import MIN_CALL_TIMEOUT, POP_GRACE, Backend
 from procsync.core.steps import (
     DEFERRED,
@@ -54,8 +55,11 @@ from procsync.core.steps import (
     Cleanup,
     Op,
     Pop,
+    Read,
+    Scan,
     SessionGone,
     Step,
+    XRead,
 )
 from procsync.errors import ProtocolError, ServerError, ServerUnavailableError
 from procsync.session import Session, session_for, usable_session
@@ -223,6 +227,15 @@ def _step(backend: Backend, step: Step, budget: Budget) -> Any:
         return got
     if isinstance(step, Cleanup):
         return _cleanup(backend, step, budget)
+    if isinstance(step, (Read, XRead, Scan)):
+        while True:
+            try:
+                got = reads.read(backend, step)
+            except BaseException as exc:
+                time.sleep(budget.failed(exc))
+                continue
+            budget.answered()
+            return got
     raise TypeError(f"unknown step {step!r}")  # pragma: no cover - a bug in a core module
 
 
@@ -393,6 +406,17 @@ async def _astep(backend: Backend, step: Step, budget: Budget) -> tuple[Any, Bas
         return got, cancelled
     if isinstance(step, Cleanup):
         return await _acleanup(backend, step, budget), None
+    if isinstance(step, (Read, XRead, Scan)):
+        while True:
+            try:
+                got = await reads.aread(backend, step)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                await asyncio.sleep(budget.failed(exc))
+                continue
+            budget.answered()
+            return got, None
     raise TypeError(f"unknown step {step!r}")  # pragma: no cover - a bug in a core module
 
 

@@ -49,20 +49,16 @@ import getpass
 import os
 import socket
 import time
-import weakref
 from collections.abc import AsyncIterator, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias, TypeVar, cast, final
 
-import redis
-import redis.asyncio
-import redis.exceptions as rex
-
+from procsync import _drivers
 from procsync._identity import boot_id as _boot_id
 from procsync._identity import pid_alive
 from procsync._validate import check_name
 from procsync.backend.client import MAX_POP_SECONDS, Backend, get_backend
-from procsync.core.steps import Call, HolderInfo, reap, side_key
+from procsync.core.steps import Call, HolderInfo, Read, Scan, Step, XRead, reap, side_key
 from procsync.errors import NotHeldError, ProtocolError
 from procsync.session import session_keys, watch_session_process
 
@@ -251,140 +247,23 @@ class PrimitiveInfo:
 
 # -- steps and drivers ------------------------------------------------------------------
 
-
-@dataclass(frozen=True, slots=True)
-class _Read:
-    """Run read-only client methods in one pipeline; the result is their replies."""
-
-    commands: tuple[tuple[str, tuple[Any, ...], Mapping[str, Any]], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class _XRead:
-    """XREAD [BLOCK block_ms] COUNT count STREAMS key after; None block: don't block."""
-
-    key: str
-    after: str
-    block_ms: int | None
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Scan:
-    """Every key matching ``match`` of type ``type`` (SCAN, client side)."""
-
-    match: str
-    type: str
-
-
-_Step: TypeAlias = "Call | _Read | _XRead | _Scan"
-_Op: TypeAlias = "Generator[_Step, Any, T]"
+_Op: TypeAlias = "Generator[Step, Any, T]"
 
 
 def _cmd(method: str, *args: Any, **kwargs: Any) -> tuple[str, tuple[Any, ...], Mapping[str, Any]]:
     return (method, args, kwargs)
 
 
-_blocking_clients: weakref.WeakKeyDictionary[Backend, redis.Redis] = weakref.WeakKeyDictionary()
-_async_clients: weakref.WeakKeyDictionary[
-    Backend,
-    weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[redis.asyncio.Redis, ...]],
-] = weakref.WeakKeyDictionary()
-
-
-def _blocking_client(backend: Backend) -> redis.Redis:
-    """A client whose socket timeout allows the longest blocking read."""
-    c = _blocking_clients.get(backend)
-    if c is None:
-        backend.cmd()  # checks the server once
-        c = redis.Redis.from_url(
-            backend.url,
-            decode_responses=True,
-            socket_timeout=MAX_POP_SECONDS + backend.socket_timeout,
-            socket_connect_timeout=min(backend.socket_timeout, 5.0),
-        )
-        _blocking_clients[backend] = c
-    return c
-
-
-def _async_pair(backend: Backend) -> tuple[redis.asyncio.Redis, ...]:
-    """(reads, blocking reads) clients for the running event loop."""
-    loop = asyncio.get_running_loop()
-    per_loop = _async_clients.setdefault(backend, weakref.WeakKeyDictionary())
-    got = per_loop.get(loop)
-    if got is None:
-        kw: dict[str, Any] = {
-            "decode_responses": True,
-            "socket_connect_timeout": min(backend.socket_timeout, 5.0),
-        }
-        got = (
-            redis.asyncio.Redis.from_url(backend.url, socket_timeout=backend.socket_timeout, **kw),
-            redis.asyncio.Redis.from_url(
-                backend.url, socket_timeout=MAX_POP_SECONDS + backend.socket_timeout, **kw
-            ),
-        )
-        per_loop[loop] = got
-    return got
-
-
-def _execute(backend: Backend, step: _Step) -> Any:
-    try:
-        if isinstance(step, Call):
-            return backend.call(step.script, step.keys, step.args)
-        if isinstance(step, _Read):
-            pipe = backend.cmd().pipeline(transaction=False)
-            for method, args, kwargs in step.commands:
-                getattr(pipe, method)(*args, **kwargs)
-            return pipe.execute()
-        if isinstance(step, _XRead):
-            return _blocking_client(backend).xread(
-                {step.key: step.after}, count=step.count, block=step.block_ms
-            )
-        return list(backend.cmd().scan_iter(match=step.match, _type=step.type, count=1000))
-    except (rex.RedisError, OSError) as exc:
-        backend.translate(exc)
-
-
-async def _aexecute(backend: Backend, step: _Step) -> Any:
-    try:
-        if isinstance(step, Call):
-            return await backend.acall(step.script, step.keys, step.args)
-        await backend.acheck()
-        reads, blocking = _async_pair(backend)
-        if isinstance(step, _Read):
-            pipe = reads.pipeline(transaction=False)
-            for method, args, kwargs in step.commands:
-                getattr(pipe, method)(*args, **kwargs)
-            return await pipe.execute()
-        if isinstance(step, _XRead):
-            return await blocking.xread(
-                {step.key: step.after}, count=step.count, block=step.block_ms
-            )
-        return [k async for k in reads.scan_iter(match=step.match, _type=step.type, count=1000)]
-    except (rex.RedisError, OSError) as exc:
-        backend.translate(exc)
-
-
 def _run(backend: Backend, op: _Op[T]) -> T:
-    """Drive ``op`` with blocking calls."""
-    try:
-        step = next(op)
-        while True:
-            step = op.send(_execute(backend, step))
-    except StopIteration as stop:
-        result: T = stop.value
-        return result
+    """Drive ``op`` with blocking calls (the one driver: reads are resent like calls)."""
+    result: T = _drivers.run(backend, op)
+    return result
 
 
 async def _arun(backend: Backend, op: _Op[T]) -> T:
     """Drive ``op`` on the running event loop."""
-    try:
-        step = next(op)
-        while True:
-            step = op.send(await _aexecute(backend, step))
-    except StopIteration as stop:
-        result: T = stop.value
-        return result
+    result: T = await _drivers.arun(backend, op)
+    return result
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -535,7 +414,7 @@ def _sessions_op(backend: Backend, include_ended: bool, check_pids: bool) -> _Op
     b = backend
     sw = yield from _sweep(b)
     for attempt in range(2):
-        live, gone = yield _Read(
+        live, gone = yield Read(
             (
                 _cmd("zrange", b.sessions_key, 0, -1, withscores=True),
                 _cmd("zrange", b.gone_key, 0, -1, withscores=True),
@@ -547,7 +426,7 @@ def _sessions_op(backend: Backend, include_ended: bool, check_pids: bool) -> _Op
             sids += [str(sid) for sid, _ in gone if str(sid) not in deadlines]
         reads = [_cmd("hgetall", f"{b.prefix}s:{sid}") for sid in sids]
         reads += [_cmd("smembers", f"{b.prefix}h:{sid}") for sid in deadlines]
-        replies = (yield _Read(tuple(reads))) if reads else []
+        replies = (yield Read(tuple(reads))) if reads else []
         hashes: dict[str, Mapping[str, str]] = dict(zip(sids, replies[: len(sids)], strict=True))
         held: dict[str, list[str]] = {
             sid: sorted(keys) for sid, keys in zip(deadlines, replies[len(sids) :], strict=True)
@@ -565,9 +444,7 @@ def _sessions_op(backend: Backend, include_ended: bool, check_pids: bool) -> _Op
         if (kn := _split_state_key(b.prefix, key)) is not None
     ]
     counts = (
-        (yield _Read(tuple(_cmd("hget", key, f"h:{sid}") for sid, key, _ in pairs)))
-        if pairs
-        else []
+        (yield Read(tuple(_cmd("hget", key, f"h:{sid}") for sid, key, _ in pairs))) if pairs else []
     )
     holds: dict[str, list[HoldInfo]] = {}
     for (sid, _, (kind, name)), n in zip(pairs, counts, strict=True):
@@ -661,9 +538,9 @@ class _Watch:
         if self.after == "$":
             self.after = yield from _position_op(b)
         if self.check_pids:
-            (live,) = yield _Read((_cmd("zrange", b.sessions_key, 0, -1),))
+            (live,) = yield Read((_cmd("zrange", b.sessions_key, 0, -1),))
             fields = ("boot", "host", "pid", "start")
-            rows = yield _Read(tuple(_cmd("hmget", f"{b.prefix}s:{s}", fields) for s in live))
+            rows = yield Read(tuple(_cmd("hmget", f"{b.prefix}s:{s}", fields) for s in live))
             yield from self._watch_local(
                 (str(s), dict(zip(fields, row, strict=True)))
                 for s, row in zip(live, rows, strict=True)
@@ -691,7 +568,7 @@ class _Watch:
             wait = min(wait, budget)
         wait = min(wait, MAX_POP_SECONDS)
         block = None if wait <= 0 else max(1, int(wait * 1000))
-        got = yield _XRead(b.prefix + "events", self.after, block, READ_COUNT)
+        got = yield XRead(b.prefix + "events", self.after, block, READ_COUNT)
         entries: list[tuple[str, Mapping[str, str]]] = got[0][1] if got else []
         if not entries:
             return []
@@ -709,7 +586,7 @@ class _Watch:
         if not ((joined_here and self.check_pids) or forced):
             return
         fields = ("boot", "host", "pid", "start", "forced_by", "forced_what")
-        rows = yield _Read(
+        rows = yield Read(
             tuple(
                 _cmd("hmget", f"{b.prefix}s:{e.session_id}", fields) for e in joined_here + forced
             )
@@ -752,7 +629,7 @@ def _event(eid: str, f: Mapping[str, str]) -> LivenessEvent:
 
 
 def _position_op(backend: Backend) -> _Op[str]:
-    (last,) = yield _Read((_cmd("xrevrange", backend.prefix + "events", "+", "-", count=1),))
+    (last,) = yield Read((_cmd("xrevrange", backend.prefix + "events", "+", "-", count=1),))
     return str(last[0][0]) if last else "0-0"
 
 
@@ -876,7 +753,8 @@ def _describe_state(kind: str, h: Mapping[str, str], waiting: int) -> tuple[str,
             details.update(broken=True, why=h.get("why", ""))
             return f"broken ({h.get('why', '')})", details
         return f"{_int(h.get('count'))}/{parties} arrived", details
-    return "-", {k: v for k, v in h.items() if k != "kind"}
+    # (o, ov: the id and result of the latest add, for its retry: not state)
+    return "-", {k: v for k, v in h.items() if k not in ("kind", "o", "ov")}
 
 
 def _primitives_op(
@@ -887,7 +765,7 @@ def _primitives_op(
     if name is not None:
         keys = [f"{b.prefix}{k}:{name}" for k in ([kind] if kind else list(KINDS))]
     else:
-        keys = sorted((yield _Scan(_glob_escape(b.prefix) + "*", "hash")))
+        keys = sorted((yield Scan(_glob_escape(b.prefix) + "*", "hash")))
     found: list[tuple[str, str, str]] = []
     for key in keys:
         kn = _split_state_key(b.prefix, key)
@@ -902,7 +780,7 @@ def _primitives_op(
             lst = side_key(b.prefix, k, tag, n)
             reads.append(_cmd("lrange", lst, 0, MAX_WAITERS_LISTED - 1))
             reads.append(_cmd("llen", lst))
-    replies = iter((yield _Read(tuple(reads))))
+    replies = iter((yield Read(tuple(reads))))
     raw = []
     sids: set[str] = set()
     for key, k, n in found:
@@ -922,7 +800,7 @@ def _primitives_op(
     fields = ("name", "host", "pid", "state")
     rows = (
         (
-            yield _Read(
+            yield Read(
                 tuple(_cmd("hmget", f"{b.prefix}s:{s}", fields) for s in order)
                 + tuple(_cmd("zscore", b.sessions_key, s) for s in order)
             )

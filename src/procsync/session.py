@@ -792,13 +792,11 @@ class Session:
 
 def reap_dead(backend: Backend, h: HolderInfo) -> bool:
     """Run :func:`procsync.core.steps.reap` for one holder seen dead (blocking)."""
-    op = reap(backend.prefix, backend.sessions_key, backend.gone_key, [h])
-    step = next(op)
-    try:
-        op.send(backend.call(step.script, step.keys, step.args))  # type: ignore[union-attr]
-    except StopIteration as stop:
-        return bool(stop.value)
-    return False  # pragma: no cover - one step only
+    from procsync import _drivers
+
+    return bool(
+        _drivers.run(backend, reap(backend.prefix, backend.sessions_key, backend.gone_key, [h]))
+    )
 
 
 def _default_name() -> str:

@@ -16,6 +16,8 @@ on, step by step:
     A pop whose connection failed is not resent (the server may have popped a value
     that is now lost): the driver backs off and sends :data:`POP_FAILED`, and the
     operation looks again, by a call that finds what the lost value carried.
+``Read``, ``XRead``, ``Scan``
+    Reads (the registry's): resent like calls.
 ``Cleanup``
     An idempotent clean-up (leave a queue, give back a grant): run now if the server
     answers; else kept by the session, and run again until it is confirmed or the
@@ -28,7 +30,7 @@ A driver throws :class:`SessionGone` in at any step once the caller's session is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
@@ -44,9 +46,12 @@ __all__ = [
     "HolderInfo",
     "Op",
     "Pop",
+    "Read",
+    "Scan",
     "SessionGone",
     "SessionView",
     "Step",
+    "XRead",
     "check_common",
     "dead_on_this_host",
     "parse_holders",
@@ -92,6 +97,35 @@ class Pop:
     timeout: float
 
 
+#: One read-only client method call: (method name, args, keyword args).
+Command: TypeAlias = "tuple[str, tuple[Any, ...], Mapping[str, Any]]"
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """Run read-only client methods in one pipeline; the result is their replies."""
+
+    commands: tuple[Command, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class XRead:
+    """XREAD [BLOCK block_ms] COUNT count STREAMS key after; None block: don't block."""
+
+    key: str
+    after: str
+    block_ms: int | None
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """Every key matching ``match`` of type ``type`` (SCAN, client side)."""
+
+    match: str
+    type: str
+
+
 @dataclass(frozen=True, slots=True)
 class Cleanup:
     """Run the idempotent operation ``make()`` now, or keep it in the session to run
@@ -103,7 +137,7 @@ class Cleanup:
     now: bool = True
 
 
-Step: TypeAlias = "Call | Pop | Cleanup"
+Step: TypeAlias = "Call | Pop | Cleanup | Read | XRead | Scan"
 Op: TypeAlias = "Generator[Step, Any, Any]"
 
 

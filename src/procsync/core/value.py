@@ -7,6 +7,7 @@ Values travel as text, never pickles: an int as its decimal digits, a float as
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,7 +147,10 @@ def add(ref: ValueRef, delta: object) -> Op:
         if isinstance(delta, bool) or not isinstance(delta, (int, float)):
             raise TypeError(f"{ref.describe()}: delta must be a number, not {type(delta).__name__}")
         text = encode(ref, float(delta))
-    reply = _ok(ref, (yield ref.call("add", text)))
+    # An id of its own: resent after a lost reply, it adds once (an add made by another
+    # process in between makes the resent one add again: the one race left).
+    call = ref.call("add", text)
+    reply = _ok(ref, (yield Call(call.script, call.keys, (*call.args, secrets.token_hex(8)))))
     return decode(ref, reply[1])
 
 

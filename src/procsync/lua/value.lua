@@ -7,6 +7,9 @@ ARGV[3]  type       int | float | str | bytes
 ARGV[4]  value      (open: initial value, set) | delta (add)
 ARGV[5]  keep_ms    > 0: the value expires this long after its last open/set/add
                     (anonymous values); 0: it stays until deleted
+ARGV[6]  op id      (add) an id of this add: sent again after its reply was lost, the
+                    add answers its first run's value instead of adding twice (the
+                    hash keeps the latest add's id and result: o, ov)
 
 Replies:
   open:   {'ok', v, created 0|1}   creates the value with ARGV[4] if absent
@@ -73,6 +76,10 @@ if op == 'set' then
 end
 
 if op == 'add' then
+  local id = ARGV[6] or ''
+  if id ~= '' and ktype == 'hash' and redis.call('HGET', k, 'o') == id then
+    return {'ok', redis.call('HGET', k, 'ov')}
+  end
   if ktype == 'none' then redis.call('HSET', k, 'kind', 'value', 'type', typ, 'v', 0) end
   local new
   if typ == 'int' then
@@ -80,6 +87,7 @@ if op == 'add' then
   else
     new = redis.call('HINCRBYFLOAT', k, 'v', arg)
   end
+  if id ~= '' then redis.call('HSET', k, 'o', id, 'ov', new) end
   touch()
   return {'ok', new}
 end
