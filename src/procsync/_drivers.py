@@ -72,6 +72,7 @@ __all__ = [
     "Budget",
     "arun",
     "arun_with_session",
+    "deadline_of",
     "run",
     "run_with_session",
 ]
@@ -99,9 +100,19 @@ BACKOFF_FIRST = 0.02
 BACKOFF_MAX = 1.0
 #: The grace a pop that ends at the operation's own deadline gets (see POP_GRACE).
 DEADLINE_GRACE = 0.05
+#: How long a cancelled asyncio task still waits for the reply of a call or pop in
+#: flight (it may carry a grant to give back) before it stops waiting for a server
+#: that does not answer; the grant, if any, is then given back by the kept clean-up.
+CANCEL_GRACE = 0.1
 
 #: Failures of a call that sending it again may mend (the call is idempotent).
 RETRYABLE = (ServerUnavailableError, ProtocolError)
+
+
+def deadline_of(until: Any) -> float | None:
+    """The monotonic deadline of a budget, None for FOREVER and DEFAULT (no deadline
+    of the caller's own)."""
+    return None if isinstance(until, _Default) else until
 
 
 def release_until() -> float:
@@ -114,7 +125,7 @@ class Budget:
     """How long one operation may go on trying, and what its failures do to the
     session. Written once; both drivers ask it the same questions."""
 
-    __slots__ = ("failures", "session", "until")
+    __slots__ = ("failures", "session", "unanswered", "until")
 
     def __init__(self, backend: Backend, until: Any, session: Session | None) -> None:
         if isinstance(until, _Default):
@@ -122,6 +133,9 @@ class Budget:
         self.until: float | None = until
         self.session = session
         self.failures = 0
+        #: A cancelled task stopped waiting for a server that did not answer: its
+        #: clean-up is kept for later at once, not tried against that server now.
+        self.unanswered = False
 
     def call_timeout(self) -> float | None:
         """The socket timeout for the next call: what is left of the budget (None:
@@ -343,16 +357,26 @@ async def arun(
             return stop.value
 
 
-async def _shielded(make: Callable[[], Awaitable[Any]]) -> tuple[Any, BaseException | None]:
-    """Await ``make()`` to its end even if the task is cancelled meanwhile; returns
-    (result, the cancellation or None). Its own failure is raised, unless a
-    cancellation came first: then that is what the caller hears."""
+async def _shielded(
+    make: Callable[[], Awaitable[Any]], budget: Budget
+) -> tuple[Any, BaseException | None]:
+    """Await ``make()`` even if the task is cancelled meanwhile, for up to
+    ``CANCEL_GRACE`` more: returns (result, the cancellation or None). A server that
+    does not answer by then is not waited for (the exchange is abandoned, its
+    connection closed, and ``budget.unanswered`` set: the operation's clean-up is
+    kept for later at once). Its own failure is raised, unless a cancellation came
+    first: then that is what the caller hears."""
     fut = asyncio.ensure_future(make())
     try:
         return await asyncio.shield(fut), None
     except asyncio.CancelledError as exc:
+        done, _ = await asyncio.wait({fut}, timeout=CANCEL_GRACE)
+        if not done:
+            fut.cancel()
+            budget.unanswered = True
+            raise exc from None
         try:
-            return await fut, exc
+            return fut.result(), exc
         except Exception:
             raise exc from None
 
@@ -364,7 +388,8 @@ async def _astep(backend: Backend, step: Step, budget: Budget) -> tuple[Any, Bas
             budget.check_session()
             try:
                 reply, during = await _shielded(
-                    lambda: backend.acall(step.script, step.keys, step.args, budget.call_timeout())
+                    lambda: backend.acall(step.script, step.keys, step.args, budget.call_timeout()),
+                    budget,
                 )
             except asyncio.CancelledError:
                 raise
@@ -392,8 +417,13 @@ async def _astep(backend: Backend, step: Step, budget: Budget) -> tuple[Any, Bas
                 cancelled = exc
                 if not pop.done():
                     # (unreachable: the pop ends by its own timeout, or fails)
-                    with contextlib.suppress(ServerError):
-                        await backend.apush(step.key, WAKE)
+                    with contextlib.suppress(ServerError, asyncio.TimeoutError):
+                        await asyncio.wait_for(backend.apush(step.key, WAKE), CANCEL_GRACE)
+                    done, _ = await asyncio.wait({pop}, timeout=CANCEL_GRACE)
+                    if not done:  # the server does not answer: not waited for
+                        pop.cancel()
+                        budget.unanswered = True
+                        return POP_FAILED, cancelled
                 got = await pop
         except asyncio.CancelledError:
             raise
@@ -424,7 +454,7 @@ async def _acleanup(backend: Backend, step: Cleanup, budget: Budget) -> Any:
     sess = budget.session
     if sess is not None and not sess.usable:
         return DEFERRED
-    if step.now:
+    if step.now and not budget.unanswered:
         try:
             return await arun(backend, step.make(), until=_cleanup_until(budget), session=sess)
         except RETRYABLE:

@@ -379,7 +379,10 @@ class Session:
             believed = {h: h._hold_key() for h in self._holders}
         if not believed:
             return
-        reply = self.backend.call("session", self._keys(), [self.backend.prefix, "holds", self.id])
+        left = max(0.001, self._deadline - time.monotonic())
+        reply = self.backend.call(
+            "session", self._keys(), [self.backend.prefix, "holds", self.id], left
+        )
         if reply[0] != "ok":
             return  # unknown: the heartbeat finds the session lost
         held = {str(k) for k in reply[1:]}
@@ -623,9 +626,11 @@ class Session:
         """How many clean-ups wait for the server to answer again."""
         return len(self._pending)
 
-    def settle(self) -> bool:
+    def settle(self, until: float | None = None) -> bool:
         """Run the kept clean-ups, oldest first; True once none is left. Stops at the
-        first that cannot reach the server (the rest wait with it)."""
+        first that cannot reach the server (the rest wait with it). ``until``: a
+        monotonic deadline for the tries (at most the default budget; never past the
+        client-side deadline)."""
         from procsync import _drivers
 
         while True:
@@ -633,8 +638,11 @@ class Session:
                 if not self._pending:
                     return True
                 what, make = self._pending[0]
+            end = min(time.monotonic() + self.backend.socket_timeout, self._deadline)
+            if until is not None:
+                end = min(end, until)
             try:
-                _drivers.run(self.backend, make(), session=self)
+                _drivers.run(self.backend, make(), session=self, until=end)
             except ServerError as exc:
                 if isinstance(exc, ServerUnavailableError) or not self.usable:
                     return False
@@ -652,8 +660,9 @@ class Session:
                 if not self._pending:
                     return True
                 what, make = self._pending[0]
+            end = min(time.monotonic() + self.backend.socket_timeout, self._deadline)
             try:
-                await _drivers.arun(self.backend, make(), session=self)
+                await _drivers.arun(self.backend, make(), session=self, until=end)
             except ServerError as exc:
                 if isinstance(exc, ServerUnavailableError) or not self.usable:
                     return False

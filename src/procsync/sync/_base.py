@@ -285,16 +285,13 @@ class PermitHolder(Primitive):
         b = ref.backend
         sess = usable_session(b)
         if sess is not None:
-            if sess.pending:
-                sess.settle()  # a release not yet confirmed goes first: never queue behind it
+            deadline = _drivers.deadline_of(until)
+            if sess.pending:  # a release not yet confirmed goes first: never queue behind it
+                sess.settle(deadline)
             wid, call = permits.first_call(ref, sess, blocking)
             reply: list[Any] | None
             try:
-                t = (
-                    None
-                    if until is None or isinstance(until, _drivers._Default)
-                    else (until - time.monotonic())
-                )
+                t = None if deadline is None else deadline - time.monotonic()
                 reply = b.call(call.script, call.keys, call.args, t)
             except (ServerUnavailableError, ProtocolError):
                 reply = None  # it may have run: sent again, it answers the same
