@@ -5,10 +5,13 @@ Map of the package (each layer uses only the ones below it)::
     procsync.sync / procsync.asyncio   public primitives (threading / asyncio signatures)
     procsync.registry                  liveness registry (报活): sessions, death events,
                                        primitives' holders and waiters; the CLI reads it
-    procsync._drivers                  run core operations: blocking, or on an event loop
+    procsync._drivers                  run core operations: blocking, or on an event loop;
+                                       the one place faults are ridden out (retries,
+                                       budgets, clean-ups kept for later)
     procsync.core                      each primitive's algorithm, no I/O (yields steps)
     procsync.session                   one session per process per server: heartbeat,
-                                       lease, same-host death watcher, fork safety
+                                       lease, states (connected / suspended /
+                                       reconnected / lost), same-host death watcher
     procsync._heartbeat_process        a session's heartbeat daemon process (optional)
     procsync.backend                   redis-py clients, server checks, Lua script registry,
                                        the embedded Valkey launcher
@@ -46,7 +49,7 @@ from procsync.registry import (
     sessions,
     watch,
 )
-from procsync.session import Session, current_session
+from procsync.session import Session, SessionState, current_session
 from procsync.sync import (
     Barrier,
     BoundedSemaphore,
@@ -89,6 +92,7 @@ __all__ = [
     "Session",
     "SessionInfo",
     "SessionLostError",
+    "SessionState",
     "Value",
     "WrongTypeError",
     "__version__",
