@@ -353,9 +353,8 @@ class Session:
                 self._lose(f"a heartbeat took longer than the ttl ({self.ttl:g}s)")
                 break
             self._deadline = sent + self.ttl
-            if failures:
-                failures = 0
-                self.reconnected()
+            failures = 0
+            self.reconnected()  # (if a call, this or another thread's, had suspended it)
             self._after_contact()
             wait = period
         self._close_after_loss()
@@ -512,6 +511,7 @@ class Session:
             now_confirmed = hb.confirmed()
             if now_confirmed != confirmed:  # the server answered the heartbeat process
                 confirmed = now_confirmed
+                self.reconnected()
                 self._after_contact()
             # Clean-ups or a reconciliation wait for the next contact: look again soon.
             busy = self._pending or self._reconcile

@@ -1,10 +1,12 @@
-"""A blip: every connection reset once, then refused for half a second, while a
-process waits (issue 10, first row).
+"""A blip: every connection reset once, then refused for half a second, while
+processes wait (issue 10, first row).
 
-The waiter is a child process on either front, connected through the proxy; it is
+One waiter of each kind -- Lock, Semaphore, Event, Condition, Barrier -- is a child
+process on one front (both fronts are tested), connected through the proxy and
 blocked in its pop (the server shows it blocked) when the blip comes. The test
-process then does what should end the wait -- release, set, notify, arrive -- and
-the waiter must be the one served.
+process then does what should end each wait -- release, set, notify, arrive -- and
+each waiter must be the one served. Each kind's outcome is reported, so one that
+fails does not hide how the others fared.
 
 Regression: the waiter raised ServerUnavailableError and its clean-up failed too, so
 its waiter id stayed queued under its live session: the next release granted the
@@ -45,7 +47,7 @@ def report(wait):
 kind = KIND
 if kind in ("lock", "sem"):
     p = F.Lock(NAME) if kind == "lock" else F.Semaphore(1, name=NAME)
-    say("ready")
+    say("ready", procsync.current_session().id)
     report(lambda: p.acquire(T))
     hear()
     p.release()
@@ -126,8 +128,7 @@ def test_every_waiter_rides_out_a_blip_and_is_the_one_served(
         )
         for kind in KINDS
     }
-    for kid in kids.values():
-        kid.expect("ready")
+    sids = {kind: kid.expect("ready") for kind, kid in kids.items()}
     queues = {kind: side(kind, "q", f"blip-{kind}") for kind in ("lock", "sem")}
     cond_waiters = side("cond", "w", "blip-cond")
 
@@ -153,7 +154,8 @@ def test_every_waiter_rides_out_a_blip_and_is_the_one_served(
             for f, v in direct.hgetall(state(kind, f"blip-{kind}")).items()
             if f.startswith("h:")
         }
-        assert list(holds.values()) == ["1"], f"one hold (the child's) expected: {holds}"
+        (sid,) = sids[kind]
+        assert holds == {f"h:{sid}": "1"}, f"one hold, the child's, expected: {holds}"
         assert direct.llen(queues[kind]) == 0, "a ghost is still queued"
 
     def served_event() -> None:
