@@ -15,9 +15,11 @@ import redis
 from click.testing import CliRunner
 
 from helpers.keys import leftover_keys, namespace_key, state_key
+from helpers.procs import ChildFactory, wait_until
 from procsync import (
     Barrier,
     BoundedSemaphore,
+    Condition,
     CorruptStateError,
     Event,
     Lock,
@@ -32,6 +34,7 @@ from procsync import (
 )
 from procsync.backend.client import ACL_RULES
 from procsync.cli import main
+from procsync.core.steps import side_key
 from procsync.session import close_all
 from procsync.testing import ServerProcess
 
@@ -240,7 +243,6 @@ def test_a_fencing_counter_at_its_maximum_says_what_to_do(server_state: Server) 
         assert "DEL" in text
 
 
-@pytest.mark.xfail(reason="needs next_token check", strict=False)
 @pytest.mark.parametrize("value", ["-5", "abc", "1.5"])
 def test_a_fencing_counter_that_is_no_token_is_refused(server_state: Server, value: str) -> None:
     server_state.plant(lambda r: r.set(FENCE, value))
@@ -248,6 +250,33 @@ def test_a_fencing_counter_that_is_no_token_is_refused(server_state: Server, val
         Lock("x").acquire(timeout=0.5)
     assert f"the fencing counter {FENCE}" in str(info.value)
     assert "procsync's script failed" not in str(info.value)
+
+
+WAITER = """
+lock = Lock("L")
+say("ready")
+lock.acquire()
+say("got")
+hear()
+"""
+
+
+def test_a_fencing_counter_that_is_no_token_stops_a_condition_wait_unchanged(
+    children: ChildFactory, server_state: Server
+) -> None:
+    """Condition.wait gives the lock to its first waiter: a grant, so a token; a
+    counter that is no token must stop it before anything is written (today the
+    waiter is taken off the lock's queue and the grant fails)."""
+    lock = Lock("L")
+    cond = Condition(lock, name="c")
+    assert lock.acquire(timeout=2)
+    children(WAITER, name="waiter").expect("ready")
+    queue = side_key("procsync:{default}:", "lock", "q", "L")
+    wait_until(lambda: server_state.r.llen(queue) == 1, timeout=5, what="the waiter queued")
+    server_state.plant(lambda r: r.set(FENCE, "abc"))
+    with pytest.raises(CorruptStateError, match=r"the fencing counter procsync:\{default\}:fence"):
+        cond.wait(0.2)
+    assert server_state.r.llen(queue) == 1
 
 
 # -- 4. a server user without the permissions procsync needs --------------------------------
@@ -343,9 +372,12 @@ def test_a_bad_url_is_a_value_error_naming_the_option(
         assert "***" in text
 
 
-def test_an_unknown_idna_host_cannot_be_reached(server_state: Server) -> None:
+def test_an_unknown_idna_host_cannot_be_reached(
+    server_state: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A well-formed name that resolves to nothing is the network's answer."""
     server_state.plant()
+    monkeypatch.setenv("PROCSYNC_SOCKET_TIMEOUT", "0.3")  # how long it is tried
     with pytest.raises((ServerUnavailableError, ValueError)) as info:
         Lock("x", url="redis://xn--a.example:6379").acquire(timeout=1)
     assert not isinstance(info.value, UnicodeError)
@@ -355,16 +387,24 @@ def test_an_unknown_idna_host_cannot_be_reached(server_state: Server) -> None:
 # -- 6. each message once ---------------------------------------------------------------------
 
 
+#: Nobody listens there (the database number keeps its Backend this module's own).
+NOBODY = "redis://127.0.0.1:1/9"
+
+
 @pytest.mark.parametrize("args", [["ps"], ["ls"], ["show", "x"], ["watch"]], ids=" ".join)
-def test_the_command_line_says_cannot_reach_once(ps_url: str, args: list[str]) -> None:
-    url = "redis://127.0.0.1:1"
+def test_the_command_line_says_cannot_reach_once(
+    ps_url: str, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    monkeypatch.setenv("PROCSYNC_SOCKET_TIMEOUT", "0.3")  # how long it is tried
+    url = NOBODY
     r = CliRunner().invoke(main, [*args, "--url", url])
     assert r.exit_code == 1, r.output
     assert r.output.count("cannot reach") == 1, r.output
     assert r.output.count(url) == 1, r.output
 
 
-def test_the_registry_says_cannot_reach_once(ps_url: str) -> None:
+def test_the_registry_says_cannot_reach_once(ps_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROCSYNC_SOCKET_TIMEOUT", "0.3")
     with pytest.raises(ServerUnavailableError) as info:
-        registry.sessions(url="redis://127.0.0.1:1")
+        registry.sessions(url=NOBODY)
     assert str(info.value).count("cannot reach") == 1

@@ -92,14 +92,19 @@ local QUIET_SLACK_US = 1000000
 -- The quiet period's end (ms), or nil when grants may be made at server time now.
 local function quiet_until(P, now)
   local c = tonumber(redis.call('GET', P .. 'fence') or '0') or 0
+  if c >= TOKEN_MAX then return nil end  -- (no token: see next_token)
   if c + 1 > now * 1000 + QUIET_SLACK_US then return math.floor(c / 1000) - 1000 end
   return nil
 end
 
--- (callers check quiet_until first: during a quiet period nothing is granted)
+-- (callers check quiet_until first: during a quiet period nothing is granted; and
+-- permits.lua and cond.lua refuse a counter that is no token before writing anything:
+-- met anyway, here while a session is reaped, it counts as lost, so the clock decides)
 local function next_token(P, now)
   local f = P .. 'fence'
-  local t = tonumber(redis.call('GET', f) or '0') + 1
+  local c = tonumber(redis.call('GET', f) or '0')
+  if not c or c < 0 or c ~= math.floor(c) or c >= TOKEN_MAX then c = 0 end
+  local t = c + 1
   local floor = now * 1000
   if t < floor then t = floor end
   redis.call('SET', f, string.format('%d', t))
@@ -379,7 +384,10 @@ local function check_kind(k, kind, init, sides)
       return {'corrupt', f, x and string.sub(x, 1, 100) or false, k}
     end
     if i == 1 and init and tonumber(x) ~= tonumber(init) then
-      if (kind == 'lock' or kind == 'rlock') then return {'corrupt', f, x, k} end
+      -- (a lock's init is 1: another one stored is corruption, not another shape)
+      if (kind == 'lock' or kind == 'rlock') and tonumber(x) ~= 1 then
+        return {'corrupt', f, x, k}
+      end
       return {'conflict', s[1], x}
     end
   end

@@ -35,6 +35,11 @@ local now = now_ms()
 
 local bad = check_kind(k, 'cond', nil, {w}) or check_kind(lk, lkind, 1, {KEYS[4]})
 if bad then return bad end
+if op == 'wait' then
+  -- Its release of the lock may grant it: a counter that is no token is reported first.
+  local fence = corrupt_fence(P)
+  if fence then return {'corrupt', P .. 'fence', fence} end
+end
 
 local function lock_held()
   return tonumber(redis.call('HGET', lk, 'h:' .. sid) or '0') > 0

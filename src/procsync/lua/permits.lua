@@ -28,6 +28,8 @@ Every op may be sent again after its reply was lost and answers as its first run
 cancel returns a grant to that wid until it is released; release names its grant.
   state:   {'state', v, init, last_token, grants, reclaimed, queue_len, holders...}
   any op:  {'wrongtype', type} | {'conflict', kind, init}
+           | {'corrupt', field, value, k} (a field procsync never writes, see check_kind)
+           | {'corrupt', P.."fence", value} (a fencing counter that is no token)
 A queued waiter's inbox receives its token (digits) when granted, and notices
 "w:<sid>|<boot>|<pid>|<start>|<host>" naming a new holder to watch when it becomes the
 head of the queue.
