@@ -54,3 +54,12 @@ bench-quick: $(VENV)/.installed-dev
 	@$(BIN)/python -c "import filelock, portalocker, redis_lock, pottery" 2>/dev/null \
 	  || $(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks --quick
+
+.PHONY: chaos
+
+## The randomized nemesis run (issue 10): 8 workers doing fenced writes under mixed faults,
+## about 3 minutes; a table and a verdict, non-zero exit if a promised count is not 0.
+## More: make chaos CHAOS_ARGS="--server redis --seconds 60 --seed 7"
+CHAOS_ARGS ?=
+chaos: $(VENV)/.installed-dev
+	$(BIN)/python -m benchmarks.chaos $(CHAOS_ARGS)

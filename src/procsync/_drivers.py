@@ -151,8 +151,10 @@ class Budget:
         if sess is not None:
             timeout = min(timeout, max(0.001, sess.trusted_for()))
         end = time.monotonic() + timeout
-        at_deadline = self.until is not None and end >= self.until - 0.001
-        return timeout, DEADLINE_GRACE if at_deadline else POP_GRACE
+        if self.until is None:
+            return timeout, POP_GRACE
+        # Never past the deadline by more than DEADLINE_GRACE.
+        return timeout, max(DEADLINE_GRACE, min(POP_GRACE, self.until - end))
 
     def check_session(self) -> None:
         """Throw SessionGone in once the caller's session is lost."""
@@ -295,7 +297,7 @@ def run_with_session(
     budget = Budget(backend, until, None)
     while True:
         try:
-            sess = session_for(backend)
+            sess = session_for(backend, budget.until)
         except ServerError as exc:
             time.sleep(budget.failed(_never_reached(backend, exc)))
             continue
@@ -464,13 +466,13 @@ async def _acleanup(backend: Backend, step: Cleanup, budget: Budget) -> Any:
     return DEFERRED
 
 
-async def asession_for(backend: Backend) -> Session:
+async def asession_for(backend: Backend, until: float | None = None) -> Session:
     """The process's session, opened in a worker thread if needed (never blocking the
     event loop)."""
     s = usable_session(backend)
     if s is not None:
         return s
-    return await asyncio.to_thread(session_for, backend)
+    return await asyncio.to_thread(session_for, backend, until)
 
 
 async def arun_with_session(
@@ -484,7 +486,7 @@ async def arun_with_session(
     budget = Budget(backend, until, None)
     while True:
         try:
-            sess = await asession_for(backend)
+            sess = await asession_for(backend, budget.until)
         except ServerError as exc:
             await asyncio.sleep(budget.failed(_never_reached(backend, exc)))
             continue

@@ -734,6 +734,11 @@ class FaultProxy:
                 return
             except OSError:
                 return  # e.g. out of file descriptors: try again on the next event
+            # Counted before anything is done to it: a client that saw its reset sees
+            # itself counted.
+            with self._cond:
+                self._accepted += 1
+                self._cond.notify_all()
             if self._refusing:
                 self._refused += 1
                 _rst(conn)
@@ -747,9 +752,6 @@ class FaultProxy:
                     self._connect(pair)
                 if not pair.closed:
                     self._update(pair)
-            with self._cond:
-                self._accepted += 1
-                self._cond.notify_all()
 
     def _connect(self, pair: _Pair) -> None:
         """Connect ``pair`` to the target (bounded); reset the client if that fails."""

@@ -235,6 +235,7 @@ class Session:
         url: str | None = None,
         namespace: str | None = None,
         _install: bool = True,
+        _until: float | None = None,
     ) -> None:
         self.ttl = check_ttl(ttl if ttl is not None else _config.env_ttl())
         if heartbeat not in HEARTBEAT_MODES:
@@ -264,7 +265,7 @@ class Session:
         self._hb_proc: HeartbeatProcess | None = None
         self.started = time.time()
         self._deadline = 0.0
-        self._open()
+        self._open(_until)
         if _install:
             _install_session(self)
 
@@ -273,7 +274,10 @@ class Session:
     def _keys(self) -> list[str]:
         return session_keys(self.backend)
 
-    def _open(self) -> None:
+    def _open(self, until: float | None = None) -> None:
+        """Open the session on the server; the call is resent (it is idempotent) for
+        the default budget, or until ``until`` (the deadline of the operation that
+        needs the session) if that comes first."""
         from procsync import _drivers
 
         args = open_args(
@@ -292,7 +296,8 @@ class Session:
             return sent
 
         # Sent again (same id) if its reply is lost: opening is idempotent.
-        sent = _drivers.run(self.backend, op())
+        end = time.monotonic() + self.backend.socket_timeout
+        sent = _drivers.run(self.backend, op(), until=end if until is None else min(end, until))
         self._deadline = sent + self.ttl
         if self.heartbeat == "process":
             try:
@@ -851,8 +856,9 @@ def usable_session(backend: Backend) -> Session | None:
     return s if s is not None and s.usable else None
 
 
-def session_for(backend: Backend) -> Session:
-    """The process's usable session on ``backend``, opened (or replaced) on demand."""
+def session_for(backend: Backend, until: float | None = None) -> Session:
+    """The process's usable session on ``backend``, opened (or replaced) on demand;
+    ``until``: the deadline of the operation that needs it (opening waits no longer)."""
     s = _sessions.get(_key(backend))
     if s is not None and s.usable:
         return s
@@ -864,7 +870,11 @@ def session_for(backend: Backend) -> Session:
             if s is not None and s.usable:
                 return s
         fresh = Session(
-            url=backend.url, namespace=backend.namespace, _install=False, **_session_defaults
+            url=backend.url,
+            namespace=backend.namespace,
+            _install=False,
+            _until=until,
+            **_session_defaults,
         )
         _install_session(fresh)
         return fresh

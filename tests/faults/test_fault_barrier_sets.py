@@ -8,7 +8,6 @@ party that times out, aborts or runs the action is.
 
 from __future__ import annotations
 
-import pytest
 import redis
 
 from helpers.faults import PREFIX, side
@@ -25,17 +24,6 @@ hear()
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "src/procsync/lua/barrier.lua release_all(lst): a released waiter's session is "
-        "taken out of h:<sid> only `if not queued_in(a, wsid)`, asked while the waiter is "
-        "still in the list being released -- on the 'wait' path without an action lst "
-        "IS `a` (deleted only after the loop) -- so the SREM never runs: each released "
-        "party's session keeps the barrier key in h:<sid> until the session ends (the "
-        "action path, release_all(r) after `a` was emptied, is right)"
-    ),
-)
 def test_a_released_party_is_no_longer_recorded_in_the_barrier(
     ps_url: str, raw: redis.Redis, children: ChildFactory
 ) -> None:

@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 import procsync
 import procsync.asyncio as pa
 from helpers.faults import side, stray_keys
@@ -169,22 +167,15 @@ def run_loop(main: Callable[[], Any]) -> InThread:
     return InThread(lambda: asyncio.run(main()))
 
 
-ASYNC_BUG = (
-    "src/procsync/_drivers.py _astep/_shielded: a task cancelled (asyncio.wait_for) while "
-    "a script call is in flight waits for that call's reply, bounded only by its socket "
-    "timeout -- PROCSYNC_SOCKET_TIMEOUT (5 s), since an asyncio wait has no budget of its "
-    "own (until=FOREVER); a cancelled pop in flight first pushes WAKE (another call that "
-    "blocks up to 5 s) and then awaits the pop to its own end (up to MAX_POP_SECONDS + "
-    "grace, ~10.5 s). So on a frozen server wait_for(..., 1) ends after 5-10 s"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=ASYNC_BUG)
 def test_asyncio_waits_on_a_frozen_server_end_at_their_wait_for_timeout(
     frozen: ServerProcess,
 ) -> None:
     """``asyncio.wait_for(lock.acquire(), 1)``, the same for a Semaphore and
-    ``Event.wait()``: with the server frozen, each ends (TimeoutError) within about 1 s."""
+    ``Event.wait()``: with the server frozen, each ends (TimeoutError) within about 1 s.
+
+    Regression (found writing these tests): a task cancelled while its script call
+    was in flight waited for that call's reply, bounded only by its socket timeout
+    (PROCSYNC_SOCKET_TIMEOUT, 5 s: an asyncio wait has no budget of its own)."""
 
     async def main() -> dict[str, object]:
         lock, sem, event = pa.Lock("afrozen-l"), pa.Semaphore(1, name="afrozen-s"), pa.Event("afe")
@@ -214,10 +205,16 @@ def test_asyncio_waits_on_a_frozen_server_end_at_their_wait_for_timeout(
     assert loop.join() == {k: TimeoutError for k in ("lock", "sem", "event")}
 
 
-@pytest.mark.xfail(strict=True, reason=ASYNC_BUG)
 def test_a_queued_asyncio_acquire_on_a_frozen_server_ends_at_its_wait_for_timeout(
     frozen: ServerProcess, children: ChildFactory
 ) -> None:
+    """Queued behind another process when the server froze: cancelled at its
+    ``wait_for`` timeout, the acquire ends then; its leaving the queue is made once
+    the server answers again, and the holder's release grants nobody.
+
+    Regression (found writing these tests): a cancelled pop in flight first pushed
+    WAKE onto its inbox (a call that blocked up to 5 s) and then waited for the pop to
+    end by itself (up to MAX_POP_SECONDS plus grace): ~10.5 s."""
     holder = children("NAME = 'afrozen-q'\n" + HOLDER, name="holder")
     holder.expect("held")
 
@@ -238,3 +235,11 @@ def test_a_queued_asyncio_acquire_on_a_frozen_server_ends_at_its_wait_for_timeou
             frozen.resume()
             finished(loop, 30)  # (let it end before the next test)
         assert loop.join() is TimeoutError
+        wait_until(
+            lambda: not r.exists(side("lock", "q", "afrozen-q")),
+            timeout=5,
+            what="the kept clean-up to leave the queue",
+        )
+        holder.send()
+        holder.expect("released")
+        assert stray_keys(r) == [], "the release granted the lock to the waiter that left"

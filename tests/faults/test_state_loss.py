@@ -28,7 +28,10 @@ TTL = 1.0
 
 
 @pytest.fixture(autouse=True)
-def _sessions_closed() -> Iterator[None]:
+def _sessions_closed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # One ttl for every session here (a deployment's): the quiet period after lost
+    # state lasts the longest ttl any client of the namespace uses.
+    monkeypatch.setenv("PROCSYNC_TTL", str(TTL))
     close_all()
     yield
     close_all()

@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, Protocol, cast
 from urllib.parse import unquote, urlsplit
 
@@ -681,11 +681,18 @@ class Backend:
         if lane is None or lane.busy or lane.epoch != self._epoch:
             lane = self._new_lane(pop)
         conn = lane.ready()
-        lane.arm(self.socket_timeout if timeout is None else timeout)
+        t = self.socket_timeout if timeout is None else timeout
+        lane.arm(t)
         lane.busy = True
         try:
             if not pop and script is not None and conn._sock is None:
-                self._look_at_state(conn)  # a new connection: has the server lost state?
+                # A new connection: has the server lost state? (Its set-up reads share
+                # the call's time: what is left of it is the call's own.)
+                end = time.monotonic() + t
+                self._look_at_state(
+                    conn, lambda: lane.arm(max(MIN_CALL_TIMEOUT, end - time.monotonic()))
+                )
+                lane.arm(max(MIN_CALL_TIMEOUT, end - time.monotonic()))
             self._send(conn, packed)
             try:
                 return conn.read_response()
@@ -713,13 +720,15 @@ class Backend:
         keys = (self.epoch_key, self.fence_key)
         return keys, (self.prefix, int(self.ttl_hint * 1000), str(born or ""))
 
-    def _look_at_state(self, conn: SyncConnection) -> None:
+    def _look_at_state(self, conn: SyncConnection, rearm: Callable[[], None]) -> None:
         """Before the first script call on a new connection: has this namespace's state
         been lost, or the server restarted or failed over, since it was last looked at?
         Then ``epoch.lua`` starts the quiet period before anything can be granted: the
         first client back after such an event is the one that starts it."""
         self._send(conn, _pack("GET", BORN_KEY))  # (connects)
+        rearm()
         keys, args = self._epoch_args(conn.read_response())
+        rearm()
         self._send(conn, _pack("EVALSHA", self._sha("epoch"), len(keys), *keys, *args))
         try:
             reply = conn.read_response()
@@ -983,7 +992,9 @@ class Backend:
             if _a_closed_while_idle(conn):
                 await conn.disconnect(nowait=True)
             if not pop and script is not None and conn._writer is None:
-                await self._alook_at_state(conn)
+                end = time.monotonic() + t
+                await self._alook_at_state(conn, end)
+                conn.socket_timeout = max(MIN_CALL_TIMEOUT, end - time.monotonic())
             await self._asend(conn, packed)
             try:
                 reply = await conn.read_response()
@@ -1005,10 +1016,12 @@ class Backend:
         await self._agive_back(st, free, conn)
         return reply
 
-    async def _alook_at_state(self, conn: AsyncConnection) -> None:
-        """Async twin of :meth:`_look_at_state`."""
+    async def _alook_at_state(self, conn: AsyncConnection, end: float) -> None:
+        """Async twin of :meth:`_look_at_state` (its reads share the time until ``end``)."""
         await self._asend(conn, _pack("GET", BORN_KEY))
+        conn.socket_timeout = max(MIN_CALL_TIMEOUT, end - time.monotonic())
         keys, args = self._epoch_args(await conn.read_response())
+        conn.socket_timeout = max(MIN_CALL_TIMEOUT, end - time.monotonic())
         await self._asend(conn, _pack("EVALSHA", self._sha("epoch"), len(keys), *keys, *args))
         try:
             reply = await conn.read_response()

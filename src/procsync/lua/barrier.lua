@@ -56,13 +56,15 @@ local function maybe_delete()
 end
 
 local function release_all(lst)
-  for _, w in ipairs(redis.call('LRANGE', lst, 0, -1)) do
+  local released = redis.call('LRANGE', lst, 0, -1)
+  redis.call('DEL', lst)
+  for _, w in ipairs(released) do
     redis.call('DEL', P .. 'in:' .. w)  -- drop stale peer notices
     push_grant(P, w, 'go')
+    -- (after the list is gone: a party of it still waits only in a later generation)
     local wsid = sid_of(w)
     if not queued_in(a, wsid) then redis.call('SREM', P .. 'h:' .. wsid, k) end
   end
-  redis.call('DEL', lst)
 end
 
 if op == 'state' then

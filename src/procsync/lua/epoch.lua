@@ -19,9 +19,11 @@ The rule (Chubby's after a master failover): when the state may have been lost -
 epoch (a restart without data, a flush), or an epoch of another server run (a restart
 that kept its data up to its last write, a replica promoted with what it had) --
 nothing is granted until every lease the old state could have granted has run out:
-until the server's start plus the longest ttl. A holder's client-side deadline is at
-most one ttl after its last renewal, which the old server saw before it went away, so
-by then every old holder has been told it lost its hold; new holders start after.
+until the server's start (for a replica promoted to primary: now, as its old primary
+may have granted until it was replaced) plus the longest ttl. A holder's client-side
+deadline is at most one ttl after its last renewal, which the old server saw before it
+went away, so by then every old holder has been told it lost its hold; new holders
+start after.
 
 The quiet period lives in the fencing counter: it is pushed to (quiet_until + 1000) *
 1000, ahead of the clock in microseconds, and a grant whose token would be more than a
@@ -33,6 +35,13 @@ local info = redis.call('INFO', 'server')
 local run = string.match(info, 'run_id:(%w+)') or ''
 local up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)') or '0')
 local now = now_ms()
+-- A replica promoted to primary (it has its old primary's history: a second
+-- replication offset) may have been behind a primary that granted until just now:
+-- its own start says nothing, the old state's leases run from now.
+local repl = redis.call('INFO', 'replication')
+local promoted = (string.match(repl, 'second_repl_offset:(%-?%d+)') or '-1') ~= '-1'
+local start = now - up * 1000
+if promoted then start = now end
 local e = redis.call('HMGET', KEYS[1], 'run', 'ttl')
 if e[1] == run then return {'ok', 0, 0, 0} end
 local ttl = tonumber(ARGV[2])
@@ -41,8 +50,8 @@ if seen > ttl then ttl = seen end
 local lost = e[1] and 0 or 1
 local quiet = 0
 if not (lost == 1 and ARGV[3] == run) then
-  -- The state may have been granted from before this server started.
-  quiet = now - up * 1000 + ttl
+  -- The state may have been granted from before this server started (was promoted).
+  quiet = start + ttl
 end
 redis.call('HSET', KEYS[1], 'run', run, 'since', now, 'ttl', ttl)
 if quiet > now then

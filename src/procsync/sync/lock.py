@@ -4,6 +4,7 @@ processes on any machine."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, final
 
@@ -11,7 +12,7 @@ from procsync import _drivers
 from procsync._drivers import RETRYABLE
 from procsync._validate import check_timeout
 from procsync.core import permits
-from procsync.core.steps import Cleanup, Op
+from procsync.core.steps import Cleanup, Op, SessionGone
 from procsync.errors import LockLostError, NotHeldError, NotOwnerError
 from procsync.session import Session, usable_session
 from procsync.sync._base import Holder, PermitHolder
@@ -89,6 +90,13 @@ class LockCommon(PermitHolder):
             )
             hold.released(1)
             return
+        except SessionGone:
+            # The session was lost while the release was being sent: so was the hold.
+            hold.clear()
+            raise LockLostError(
+                f"{ref.describe()} was lost before its release was confirmed: its session "
+                "was lost meanwhile"
+            ) from None
         self._released(reply, held)
 
     def _released(self, reply: list[Any], held: bool) -> None:
@@ -106,19 +114,18 @@ class LockCommon(PermitHolder):
         hold = self._hold
         sess = hold.session
         b = self.ref.backend
+        until = _drivers.release_until()
         if sess is not None and hold.count > 0 and hold.lost() is None:
             # The common case, made directly: held here, not lost — one script call.
             call = permits.release_call(self.ref, sess, 1, True, hold.wid)
             try:
-                reply = b.call(call.script, call.keys, call.args)
+                reply = b.call(call.script, call.keys, call.args, until - time.monotonic())
             except RETRYABLE:
                 pass  # it may have run: the operation sends it again, naming its grant
             else:
                 self._released(reply, True)
                 return
-        _drivers.run(
-            b, self._release_op(), until=_drivers.release_until(), session=self._release_session()
-        )
+        _drivers.run(b, self._release_op(), until=until, session=self._release_session())
 
     # -- introspection ------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from procsync import _drivers
 from procsync._drivers import RETRYABLE
 from procsync._validate import check_permits, check_timeout
 from procsync.core import permits
-from procsync.core.steps import Cleanup, Op
+from procsync.core.steps import Cleanup, Op, SessionGone
 from procsync.errors import LockLostError
 from procsync.session import Session, usable_session
 from procsync.sync._base import Holder, PermitHolder
@@ -86,6 +86,12 @@ class SemaphoreCommon(PermitHolder):
             )
             hold.released(n)
             return None
+        except SessionGone:
+            hold.clear()
+            raise LockLostError(
+                f"{ref.describe()}: the permits held here were lost before the release was "
+                "confirmed (the session was lost meanwhile)"
+            ) from None
         try:
             permits.release_result(ref, reply, held)
         except LockLostError:
