@@ -12,6 +12,9 @@ Run ``make bench`` (about ten minutes) or ``make bench-quick`` (about one), or
     report.py     the results table (terminal, docs/benchmarks.md)
     profile.py    where procsync's time goes (cProfile, pyinstrument, py-spy,
                   INFO commandstats)
+    chaos.py      ``make chaos``: a bounded nemesis run (faults through FaultProxy,
+                  server pauses and crashes) under workers doing fenced writes;
+                  counts overlapping holds, token repeats, stuck workers, overruns
 
 Every loop is bounded in count and in time; every server is private (a Unix socket
 in a temporary directory, started by procsync.testing.ServerProcess) and stopped by

@@ -287,6 +287,17 @@ def _never_reached(backend: Backend, exc: ServerError) -> ServerError:
     return exc
 
 
+def _session_gone(backend: Backend, sess: Session, budget: Budget) -> None:
+    """The operation's session was lost under it: forget the session; the operation
+    starts again in a new one unless its budget is spent."""
+    sess.lose("the server no longer knows this session")
+    if budget.until is not None and time.monotonic() >= budget.until:
+        raise ServerUnavailableError(
+            f"the session on {backend.safe_url} was lost and no new one could "
+            "finish the operation in time"
+        ) from None
+
+
 def run_with_session(
     backend: Backend, make: Callable[[Session], Op], *, until: Any = DEFAULT
 ) -> tuple[Any, Session]:
@@ -304,12 +315,7 @@ def run_with_session(
         try:
             return run(backend, make(sess), until=budget.until, session=sess), sess
         except SessionGone:
-            sess.lose("the server no longer knows this session")
-            if budget.until is not None and time.monotonic() >= budget.until:
-                raise ServerUnavailableError(
-                    f"the session on {backend.safe_url} was lost and no new one could "
-                    "finish the operation in time"
-                ) from None
+            _session_gone(backend, sess, budget)
 
 
 # -- asyncio --------------------------------------------------------------------------
@@ -494,9 +500,4 @@ async def arun_with_session(
             u = None if undo is None else (lambda value, s=sess: undo(s, value))
             return await arun(backend, make(sess), u, until=budget.until, session=sess), sess
         except SessionGone:
-            sess.lose("the server no longer knows this session")
-            if budget.until is not None and time.monotonic() >= budget.until:
-                raise ServerUnavailableError(
-                    f"the session on {backend.safe_url} was lost and no new one could "
-                    "finish the operation in time"
-                ) from None
+            _session_gone(backend, sess, budget)

@@ -638,43 +638,53 @@ class Session:
         client-side deadline)."""
         from procsync import _drivers
 
-        while True:
-            with self._lock:
-                if not self._pending:
-                    return True
-                what, make = self._pending[0]
-            end = min(time.monotonic() + self.backend.socket_timeout, self._deadline)
-            if until is not None:
-                end = min(end, until)
+        while (head := self._pending_head(until)) is not None:
+            what, make, end = head
             try:
                 _drivers.run(self.backend, make(), session=self, until=end)
             except ServerError as exc:
-                if isinstance(exc, ServerUnavailableError) or not self.usable:
+                if not self._tried(what, make, exc):
                     return False
-                log.warning("session %s: %s failed: %s", self.id, what, exc)
-            with self._lock:
-                if self._pending and self._pending[0][1] is make:
-                    self._pending.pop(0)
+                continue
+            self._tried(what, make, None)
+        return True
 
     async def asettle(self) -> bool:
         """Async twin of :meth:`settle`."""
         from procsync import _drivers
 
-        while True:
-            with self._lock:
-                if not self._pending:
-                    return True
-                what, make = self._pending[0]
-            end = min(time.monotonic() + self.backend.socket_timeout, self._deadline)
+        while (head := self._pending_head(None)) is not None:
+            what, make, end = head
             try:
                 await _drivers.arun(self.backend, make(), session=self, until=end)
             except ServerError as exc:
-                if isinstance(exc, ServerUnavailableError) or not self.usable:
+                if not self._tried(what, make, exc):
                     return False
-                log.warning("session %s: %s failed: %s", self.id, what, exc)
-            with self._lock:
-                if self._pending and self._pending[0][1] is make:
-                    self._pending.pop(0)
+                continue
+            self._tried(what, make, None)
+        return True
+
+    def _pending_head(self, until: float | None) -> tuple[str, Callable[[], Op], float] | None:
+        """The oldest kept clean-up and the deadline of its try, or None."""
+        with self._lock:
+            if not self._pending:
+                return None
+            what, make = self._pending[0]
+        end = min(time.monotonic() + self.backend.socket_timeout, self._deadline)
+        return what, make, end if until is None else min(end, until)
+
+    def _tried(self, what: str, make: Callable[[], Op], exc: ServerError | None) -> bool:
+        """A clean-up was tried: drop it unless the server could not be reached (then
+        False: stop, it waits for the next contact). Another failure is logged and the
+        clean-up dropped (it cannot succeed by trying again)."""
+        if exc is not None:
+            if isinstance(exc, ServerUnavailableError) or not self.usable:
+                return False
+            log.warning("session %s: %s failed: %s", self.id, what, exc)
+        with self._lock:
+            if self._pending and self._pending[0][1] is make:
+                self._pending.pop(0)
+        return True
 
     def close(self) -> None:
         """End the session now: every hold is released and waiters are served.

@@ -5,8 +5,8 @@ the workers behind each) while a seeded nemesis mixes faults (blips, blackholes
 shorter and longer than the lease, stalls, latency, lost and held replies on one
 side or both; server pauses, a crash and restart); each critical section makes a
 fenced write to a second server the faults never touch. The round is the real
-command line, run as a child process, and lasts about 16 s: 13 s of run (the last
-5 s without faults) plus start-up and wind-down.
+command line, run as a child process, and lasts about 12 s: 9 s of run (the last
+4 s without faults) plus start-up and wind-down.
 
 Every promised count must be 0: overlapping holds, token repeats or regressions,
 stuck workers, acquires that overran their timeout; and so must the run's own
@@ -26,8 +26,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-SECONDS = 13
-QUIET = 5
+SECONDS = 9
+QUIET = 4
 #: Seeds whose fault schedules include a blackhole longer than the lease on one side
 #: (the other side can be granted the lock meanwhile) and a crash with restart; the
 #: valkey one also pauses the server. The schedule is seeded; its timing is not.
