@@ -20,7 +20,8 @@ epoch (a restart without data, a flush), or an epoch of another server run (a re
 that kept its data up to its last write, a replica promoted with what it had) --
 nothing is granted until every lease the old state could have granted has run out:
 until the server's start (for a replica promoted to primary: now, as its old primary
-may have granted until it was replaced) plus the longest ttl. A holder's client-side
+may have granted until it was replaced) plus the longest ttl, plus a margin (a quarter
+of it and 250 ms, for an old holder's heartbeat that runs late). A holder's client-side
 deadline is at most one ttl after its last renewal, which the old server saw before it
 went away, so by then every old holder has been told it lost its hold; new holders
 start after.
@@ -30,6 +31,8 @@ The quiet period lives in the fencing counter: it is pushed to (quiet_until + 10
 second ahead of the clock is refused (quiet_until in _lib.lua). So it costs the grants
 nothing, and every token after it is above every token before it.
 ]]
+
+local QUIET_MARGIN_MS = 250
 
 local info = redis.call('INFO', 'server')
 local run = string.match(info, 'run_id:(%w+)') or ''
@@ -51,7 +54,9 @@ local lost = e[1] and 0 or 1
 local quiet = 0
 if not (lost == 1 and ARGV[3] == run) then
   -- The state may have been granted from before this server started (was promoted).
-  quiet = start + ttl
+  -- A margin on top: an old holder's heartbeat thread may run a little late (a loaded
+  -- machine), and it must have declared its hold lost before anyone else is granted.
+  quiet = start + ttl + QUIET_MARGIN_MS + math.floor(ttl / 4)
 end
 redis.call('HSET', KEYS[1], 'run', run, 'since', now, 'ttl', ttl)
 if quiet > now then
