@@ -361,7 +361,8 @@ class Session:
             failures = 0
             self.reconnected()  # (if a call, this or another thread's, had suspended it)
             self._after_contact()
-            wait = period
+            # (clean-ups may have taken a while: never sleep past the deadline)
+            wait = min(period, self._deadline - time.monotonic())
         self._close_after_loss()
 
     def _after_contact(self) -> None:
